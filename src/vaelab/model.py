@@ -1,0 +1,154 @@
+"""The VAE and its loss, in pure torch (no logging; ``save``/``load`` are its only I/O).
+
+Architecture: the course tutorial's MLP (after A. Van de Kleut's post),
+encoder 784-512-(mu, logvar), decoder latent-512-784, ReLU hidden layers. The decoder
+returns logits; images are ``sigmoid(logits)``. The loss is the per-image negative ELBO of
+Kingma & Welling (2014), eq. 3 / eq. 10, with the closed-form Gaussian KL of their Appendix B.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_SHAPE = (1, 28, 28)
+PIXELS = 784
+# -log N(x; mu, 1) = 0.5 * (x - mu)^2 + 0.5 * log(2 pi) per pixel; the Gaussian recon term below
+# omits the constant, as the tutorial does: PIXELS * GAUSSIAN_CONST_PER_PIXEL ~= 720.4 nats/image.
+GAUSSIAN_CONST_PER_PIXEL = 0.5 * math.log(2 * math.pi)
+
+
+class VAE(nn.Module):
+    def __init__(self, latent_dims: int = 2, hidden_dims: int = 512) -> None:
+        super().__init__()
+        self.latent_dims = latent_dims
+        self.hidden_dims = hidden_dims
+        self.enc_hidden = nn.Linear(PIXELS, hidden_dims)
+        # mu and logvar from one Linear: the tutorial's two parallel heads, fused into one matmul.
+        self.enc_head = nn.Linear(hidden_dims, 2 * latent_dims)
+        self.dec_hidden = nn.Linear(latent_dims, hidden_dims)
+        self.dec_out = nn.Linear(hidden_dims, PIXELS)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, 28, 28) in [0, 1] -> mu, logvar, each (B, latent)."""
+        h = F.relu(self.enc_hidden(x.flatten(start_dim=1)))  # (B, 784) -> (B, hidden)
+        mu, logvar = self.enc_head(h).chunk(2, dim=1)  # (B, 2*latent) -> 2 x (B, latent)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent) -> logits (B, 1, 28, 28); ``torch.sigmoid`` gives the image."""
+        h = F.relu(self.dec_hidden(z))  # (B, latent) -> (B, hidden)
+        return self.dec_out(h).view(-1, *IMAGE_SHAPE)  # (B, 784) -> (B, 1, 28, 28)
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One posterior sample per image: returns (logits, mu, logvar)."""
+        mu, logvar = self.encode(x)
+        # Reparameterisation (Kingma & Welling 2014, sec. 2.4): z = mu + sigma * eps, eps ~ N(0, I).
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return self.decode(z), mu, logvar
+
+    def config(self) -> dict[str, int]:
+        return {"latent_dims": self.latent_dims, "hidden_dims": self.hidden_dims}
+
+
+@dataclass
+class ElboTerms:
+    """Per-image terms in nats, each of shape (B,): neg_elbo = recon + kl."""
+
+    recon: torch.Tensor
+    kl: torch.Tensor
+
+    @property
+    def neg_elbo(self) -> torch.Tensor:
+        return self.recon + self.kl
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per image, (B, latent) -> (B,).
+
+    Kingma & Welling (2014), Appendix B: -0.5 * sum(1 + logvar - mu^2 - exp(logvar)).
+    """
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+def reconstruction_nll(x: torch.Tensor, logits: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """-log p(x|z) per image in nats, (B, 1, 28, 28) -> (B,).
+
+    gaussian: unit-variance Gaussian around sigmoid(logits), 0.5 * SSE (the tutorial's loss; the
+    constant 784 * 0.5 * log(2 pi) is left out). bernoulli: binary cross-entropy on the logits.
+    """
+    if likelihood == "gaussian":
+        return 0.5 * (x - torch.sigmoid(logits)).pow(2).flatten(start_dim=1).sum(dim=1)
+    if likelihood == "bernoulli":
+        bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+        return bce.flatten(start_dim=1).sum(dim=1)
+    raise ValueError(f"unknown likelihood {likelihood!r}")
+
+
+def elbo_terms(
+    x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, likelihood: str
+) -> ElboTerms:
+    return ElboTerms(reconstruction_nll(x, logits, likelihood), kl_to_standard_normal(mu, logvar))
+
+
+def training_loss(terms: ElboTerms, beta: float) -> torch.Tensor:
+    """Mean over the batch of recon + beta * KL: nats per image, independent of the batch size.
+
+    beta = 1 is the negative ELBO. (The tutorial sums the recon over the batch but averages the KL,
+    which is this loss times B with beta = 1/B.)
+    """
+    return (terms.recon + beta * terms.kl).mean()
+
+
+def images_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1], as torchvision's ToTensor scales."""
+    return images.unsqueeze(1).float().div_(255)
+
+
+@torch.inference_mode()
+def dataset_elbo(
+    model: VAE,
+    images: torch.Tensor,
+    likelihood: str,
+    generator: torch.Generator | None = None,
+    batch_size: int = 2048,
+) -> dict[str, float]:
+    """Mean negative ELBO, recon and KL over ``images`` (uint8, (N, 28, 28)) in nats per image.
+
+    One posterior sample per image; ``batch_size`` only bounds memory (sums are per image).
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=images.device)
+    for start in range(0, len(images), batch_size):
+        x = images_to_float(images[start : start + batch_size])
+        terms = elbo_terms(x, *model(x, generator), likelihood)
+        sums += torch.stack([terms.recon.sum(), terms.kl.sum()]).double()
+    model.train(was_training)
+    recon, kl = (sums / len(images)).tolist()  # one host sync for the whole pass
+    return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
+
+
+def save(model: VAE, path: Path) -> None:
+    """Write {config, state_dict} atomically; readable with ``torch.load(weights_only=True)``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": model.config(), "state_dict": state}, tmp)
+    tmp.replace(path)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
+    """Rebuild a saved VAE in eval mode. Only tensors and plain containers are unpickled."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    model = VAE(**checkpoint["config"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()

@@ -1,0 +1,234 @@
+"""Every hyperparameter, read once from params.yaml into frozen, typed dataclasses.
+
+``load(path)`` rejects unknown keys (with a did-you-mean), missing keys, wrong types and
+out-of-range values, naming the file, the key, the value and what is expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vaelab.errors import VaelabError
+
+Likelihood = Literal["gaussian", "bernoulli"]
+Device = Literal["auto", "cpu", "cuda"]
+DataSource = Literal["mnist", "custom"]
+
+
+@dataclass(frozen=True)
+class DataParams:
+    # mnist: the canonical files, checked against their published MD5s.
+    # custom: IDX files you provide, checked against the manifest beside them.
+    source: DataSource = "mnist"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    latent_dims: int = 2
+    hidden_dims: int = 512
+
+
+@dataclass(frozen=True)
+class LossParams:
+    likelihood: Likelihood = "gaussian"
+    # Weight of the KL term in the training objective; 1.0 is the true ELBO. The course
+    # tutorial's loss amounts to beta = 1/batch_size (see README).
+    beta: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    device: Device = "auto"
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    # Seeds the posterior samples of the test-set ELBO estimate.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PlotParams:
+    # The tutorial's strip: z = (i*0.5 - 2.5, 0.4), i = 0..9.
+    line_start: tuple[float, float] = (-2.5, 0.4)
+    line_end: tuple[float, float] = (2.0, 0.4)
+    line_count: int = 10
+    grid_size: int = 20
+    recon_count: int = 10
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    experiment: str = "vaelab"
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    model: ModelParams
+    loss: LossParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    plot: PlotParams
+    mlflow: MlflowParams
+
+
+# Range checks: key -> (predicate, what is expected). Types are checked from the annotations.
+_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "model.latent_dims": (
+        lambda v: v >= 2,
+        "an integer >= 2 (the latent plots need two dimensions)",
+    ),
+    "model.hidden_dims": (lambda v: v >= 1, "an integer >= 1"),
+    "loss.beta": (lambda v: v >= 0, "a number >= 0"),
+    "train.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.lr": (lambda v: v > 0, "a number > 0"),
+    "train.seed": (lambda v: v >= 0, "an integer >= 0"),
+    "evaluate.seed": (lambda v: v >= 0, "an integer >= 0"),
+    "plot.line_count": (lambda v: v >= 2, "an integer >= 2"),
+    "plot.grid_size": (lambda v: 2 <= v <= 100, "an integer between 2 and 100"),
+    "plot.recon_count": (lambda v: 1 <= v <= 100, "an integer between 1 and 100"),
+    "mlflow.experiment": (lambda v: v.strip() != "", "a non-empty name"),
+}
+
+
+def _suggest(key: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check_type(path: Path, key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` converted to ``annotation`` (int -> float, list -> tuple) or raise."""
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise VaelabError(f"{path}: '{key}' is {value!r}; expected {expected}.")
+
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            fail("one of " + ", ".join(repr(a) for a in allowed) + _suggest(str(value), allowed))
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if annotation is int:
+        # bool is a subclass of int in Python; `epochs: true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail("a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        if not isinstance(value, list | tuple) or len(value) != len(item_types):
+            fail(f"a list of {len(item_types)} numbers, e.g. [-2.5, 0.4]")
+        return tuple(
+            _check_type(path, f"{key}[{i}]", item, t)
+            for i, (item, t) in enumerate(zip(value, item_types, strict=True))
+        )
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module
+
+
+def _build_section(path: Path, name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise VaelabError(
+            f"{path}: section '{name}' must be a mapping of keys to values, got {raw!r}."
+        )
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in known:
+            raise VaelabError(
+                f"{path}: unknown key '{name}.{key}'.{_suggest(str(key), known)} "
+                f"Known keys in '{name}': {', '.join(known)}."
+            )
+    values = {}
+    for f in fields(cls):
+        key = f"{name}.{f.name}"
+        if f.name not in raw:
+            raise VaelabError(
+                f"{path}: missing key '{key}'. Add it to the '{name}' section "
+                f"(default: {f.default!r})."
+            )
+        value = _check_type(path, key, raw[f.name], hints[f.name])
+        if key in _RANGES:
+            ok, expected = _RANGES[key]
+            if not ok(value):
+                raise VaelabError(f"{path}: '{key}' is {raw[f.name]!r}; expected {expected}.")
+        values[f.name] = value
+    return cls(**values)
+
+
+def parse(raw: Any, path: Path = Path("params.yaml")) -> Params:
+    """Validate an already-parsed YAML document and return typed params."""
+    if not isinstance(raw, dict):
+        raise VaelabError(
+            f"{path}: expected a mapping of sections (data:, model:, ...), got {raw!r}."
+        )
+    hints = typing.get_type_hints(Params)
+    sections = [f.name for f in fields(Params)]
+    for name in raw:
+        if name not in sections:
+            raise VaelabError(
+                f"{path}: unknown section '{name}'.{_suggest(str(name), sections)} "
+                f"Known sections: {', '.join(sections)}."
+            )
+    built = {}
+    for name in sections:
+        if name not in raw:
+            raise VaelabError(f"{path}: missing section '{name}'.")
+        built[name] = _build_section(path, name, hints[name], raw[name])
+    return Params(**built)
+
+
+def load(path: str | Path) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise VaelabError(f"{path}: file not found. Run from the project root.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise VaelabError(f"{path}: not valid YAML{where}: {error.problem}.") from None
+    except yaml.YAMLError as error:
+        raise VaelabError(f"{path}: not valid YAML: {error}.") from None
+    return parse(raw, path)
+
+
+def flatten(params: Params) -> dict[str, str | int | float]:
+    """All params as ``{"section.key": value}``: the one naming scheme MLflow runs use."""
+    flat: dict[str, str | int | float] = {}
+    for section in fields(params):
+        for f in fields(getattr(params, section.name)):
+            value = getattr(getattr(params, section.name), f.name)
+            flat[f"{section.name}.{f.name}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def defaults() -> Params:
+    """The defaults above (the tutorial's settings) as a Params object; used by tests."""
+    hints = typing.get_type_hints(Params)
+    return Params(**{f.name: hints[f.name]() for f in fields(Params)})

@@ -1,0 +1,294 @@
+"""Everything MLflow: where the store is, the run lifecycle, tags, and what each run holds.
+
+Design (see README, "How runs reach MLflow"):
+- ``train`` opens a run, logs all params and tags, and logs every epoch live (step = epoch).
+  It leaves the run RUNNING: the pipeline is not done yet.
+- ``record`` (the last stage, ``always_changed``) fingerprints params + train run id + history +
+  metrics (+ DVC experiment name). If a run already carries that fingerprint it does nothing.
+  Else it completes the train run (metrics, figures, artifacts, FINISHED) when that run is
+  unfinished and has exactly these params; otherwise (train was cached by DVC, or only an
+  evaluate/plot param changed) it creates a new run rebuilt from the DVC outputs.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<root>/mlflow.db`` with artifacts
+in ``<root>/mlartifacts/<experiment>``, where <root> is the parent repository (``DVC_ROOT``), so
+queued experiments that run in temporary copies log to the same store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaelab.errors import VaelabError
+from vaelab.params import Params, flatten
+
+FINGERPRINT_TAG = "vaelab.fingerprint"
+SOURCE_RUN_TAG = "vaelab.source_run_id"
+DEFAULT_STORE = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def _quiet_mlflow() -> None:
+    # SQLAlchemy deprecation chatter from MLflow's store is noise to users.
+    warnings.filterwarnings("ignore", message=".*SADeprecationWarning.*")
+    warnings.filterwarnings("ignore", module="sqlalchemy")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="mlflow")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def project_root() -> Path:
+    """The repository whose store runs belong to: DVC_ROOT inside DVC (the parent repository,
+    also for queued experiments in temp copies), else the nearest folder with a ``.dvc``."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return here
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_STORE}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+
+
+def connect(experiment: str):  # noqa: ANN201 - returns (MlflowClient, experiment id)
+    """Open the store and get or create the experiment, under a file lock for SQLite stores:
+    a brand-new SQLite store created by two processes at once breaks for good."""
+    _quiet_mlflow()
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    db = _sqlite_path(uri)
+    lock = FileLock(f"{db}.lock", timeout=300) if db else contextlib.nullcontext()
+    try:
+        with lock:
+            client = MlflowClient(tracking_uri=uri)
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                location = None
+                if uri == f"sqlite:///{project_root() / DEFAULT_STORE}":
+                    # Fix the artifact root at the repository root: an experiment created inside a
+                    # queued run would otherwise keep artifacts in its temp copy, deleted later.
+                    location = (project_root() / DEFAULT_ARTIFACTS / experiment).as_uri()
+                experiment_id = client.create_experiment(experiment, artifact_location=location)
+            elif found.lifecycle_stage != "active":
+                raise VaelabError(
+                    f"MLflow experiment '{experiment}' is deleted in {uri}. Restore it in the UI, "
+                    "or set mlflow.experiment in params.yaml to another name."
+                )
+            else:
+                experiment_id = found.experiment_id
+    except VaelabError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any store failure is reported the same way
+        raise VaelabError(
+            f"cannot use the MLflow tracking store {uri}: {type(error).__name__}: {error}. "
+            "Check MLFLOW_TRACKING_URI (unset it to use the project's mlflow.db)."
+        ) from None
+    return client, experiment_id
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def context_tags(checksums: dict) -> dict[str, str]:
+    """Tags tying a run to its code, data and DVC experiment."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
+        "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "data.source": str(checksums.get("source", "")),
+    }
+    for name, entry in checksums.get("files", {}).items():
+        tags[f"data.md5.{name}"] = entry["md5"]
+    return tags
+
+
+def _metric_batch(values: dict[str, float], step: int, prefix: str = ""):  # noqa: ANN202
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(f"{prefix}{k}", float(v), now, step) for k, v in values.items()]
+
+
+@dataclass
+class TrainingRun:
+    client: object
+    run_id: str
+
+    def log_epoch(self, row: dict[str, float]) -> None:
+        epoch = int(row["epoch"])
+        values = {k: v for k, v in row.items() if k != "epoch"}
+        self.client.log_batch(self.run_id, metrics=_metric_batch(values, epoch))
+
+
+@contextlib.contextmanager
+def training_run(params: Params, checksums: dict, device: object) -> Iterator[TrainingRun]:
+    """Open the train stage's run with all params and tags; mark it FAILED on an exception.
+
+    On success it stays RUNNING: ``record`` finishes it once evaluate and plot have run.
+    """
+    import torch
+    from mlflow.entities import Param
+
+    client, experiment_id = connect(params.mlflow.experiment)
+    tags = context_tags(checksums) | {"device": str(device), "torch.version": torch.__version__}
+    run = client.create_run(
+        experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None, tags=tags
+    )
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in flatten(params).items()])
+    try:
+        yield TrainingRun(client, run_id)
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        client.set_tag(run_id, "vaelab.error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(run_id, status)
+        raise
+
+
+def _param_str(value: object) -> str:
+    return str(value)
+
+
+def _fingerprint(flat_params: dict, train_run_id: str, history: list, metrics: dict) -> str:
+    payload = {
+        "params": {k: _param_str(v) for k, v in flat_params.items()},
+        "train_run_id": train_run_id,
+        "history": history,
+        "metrics": metrics,
+        # A DVC experiment (even one DVC restored from its run cache) gets a run of its own name.
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def flatten_metrics(metrics: dict, prefix: str = "eval/") -> dict[str, float]:
+    """{"test": {"neg_elbo": 1.0}} -> {"eval/test/neg_elbo": 1.0} (numbers only)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat |= flatten_metrics(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+@dataclass(frozen=True)
+class PipelineOutputs:
+    params_file: Path
+    run_info: Path
+    checksums: Path
+    history: Path
+    metrics: Path
+    figures: Path
+    model: Path
+
+
+def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str:
+    """Make sure one complete, FINISHED run holds this pipeline result; return its id."""
+    from mlflow.entities import Param, RunTag
+
+    flat = {k: _param_str(v) for k, v in flatten(params).items()}
+    train_run_id = json.loads(outputs.run_info.read_text())["run_id"]
+    metrics = json.loads(outputs.metrics.read_text())
+    checksums = json.loads(outputs.checksums.read_text())
+    fingerprint = _fingerprint(flat, train_run_id, history, metrics)
+
+    client, experiment_id = connect(params.mlflow.experiment)
+    done = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}'"
+    )
+    if done:
+        print(f"record: run {done[0].info.run_id} already holds this result; nothing to log")
+        return done[0].info.run_id
+
+    try:
+        source = client.get_run(train_run_id)
+    except Exception:  # noqa: BLE001 - deleted or from another store: rebuild below
+        source = None
+    exp_name = os.environ.get("DVC_EXP_NAME") or None
+    completes_train_run = (
+        source is not None
+        and source.info.experiment_id == experiment_id
+        and FINGERPRINT_TAG not in source.data.tags
+        and source.info.status == "RUNNING"
+        and source.data.params == flat
+    )
+    if completes_train_run:
+        run_id = train_run_id
+        if exp_name and source.info.run_name != exp_name:
+            client.set_tag(run_id, "mlflow.runName", exp_name)
+        how = "completed the train run"
+    else:
+        # Train did not run this time (DVC cache) or its run holds other params (only an
+        # evaluate/plot param changed): rebuild a complete run from the DVC outputs.
+        carried = {}
+        if source is not None:
+            carried = {k: source.data.tags[k] for k in ("device", "torch.version")
+                       if k in source.data.tags}  # fmt: skip
+        tags = context_tags(checksums) | carried | {SOURCE_RUN_TAG: train_run_id}
+        run_id = client.create_run(experiment_id, run_name=exp_name, tags=tags).info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
+        for row in history:
+            values = {k: v for k, v in row.items() if k != "epoch"}
+            client.log_batch(run_id, metrics=_metric_batch(values, int(row["epoch"])))
+        how = f"rebuilt from DVC outputs (train run {train_run_id})"
+
+    final_step = int(history[-1]["epoch"]) if history else 0
+    client.log_batch(
+        run_id,
+        metrics=_metric_batch(flatten_metrics(metrics), final_step),
+        tags=[RunTag(FINGERPRINT_TAG, fingerprint)],
+    )
+    client.log_artifacts(run_id, str(outputs.figures), artifact_path="figures")
+    for path in (outputs.params_file, outputs.metrics, outputs.history, outputs.checksums):
+        client.log_artifact(run_id, str(path), artifact_path="reports")
+    client.log_artifact(run_id, str(outputs.model), artifact_path="model")
+    client.set_terminated(run_id, "FINISHED")
+    print(f"record: MLflow run {run_id} is complete ({how})")
+    return run_id
+
+
+def ui_main(argv: list[str] | None = None) -> None:
+    """``make ui``: serve the project's store with ``mlflow ui`` on 127.0.0.1."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="MLflow UI on the project's tracking store")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    uri = tracking_uri()
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port}", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port)]  # fmt: skip
+    os.execv(sys.executable, cmd)
+
+
+if __name__ == "__main__":
+    ui_main()
