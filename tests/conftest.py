@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny fake MNIST in real IDX format and tiny params, all in tmp_path.
+
+Tests never touch the network, the user's data/ or the user's mlflow.db.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaelab import params as params_mod
+from vaelab.data import idx_bytes, prepare_custom
+
+PROJECT = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST = 320, 80
+
+
+def draw_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n 28x28 uint8 images of ten distinguishable stroke patterns (one per label) plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    yy, xx = np.mgrid[0:28, 0:28]
+    images = np.zeros((n, 28, 28))
+    for i, label in enumerate(labels):
+        angle = np.pi * label / 10 + rng.normal(0, 0.05)
+        # A thick stroke through the centre at a label-specific angle, plus a label-sized ring.
+        distance = np.abs((xx - 14) * np.sin(angle) - (yy - 14) * np.cos(angle))
+        stroke = (distance < 2.0) & (np.hypot(xx - 14, yy - 14) < 10)
+        ring = np.abs(np.hypot(xx - 14, yy - 14) - (3 + label * 0.8)) < 1.0
+        images[i] = 0.9 * (stroke | ring) + rng.uniform(0, 0.1, size=(28, 28))
+    return (images * 255).round().astype(np.uint8), labels
+
+
+def write_fake_mnist(folder: Path) -> dict[str, str]:
+    """The four IDX files + manifest.json in ``folder``; returns {name: md5}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_x, train_y = draw_digits(N_TRAIN, seed=1)
+    test_x, test_y = draw_digits(N_TEST, seed=2)
+    contents = {
+        "train-images-idx3-ubyte": idx_bytes(train_x),
+        "train-labels-idx1-ubyte": idx_bytes(train_y),
+        "t10k-images-idx3-ubyte": idx_bytes(test_x),
+        "t10k-labels-idx1-ubyte": idx_bytes(test_y),
+    }
+    md5s = {}
+    for name, payload in contents.items():
+        (folder / name).write_bytes(payload)
+        md5s[name] = hashlib.md5(payload).hexdigest()
+    manifest = {"files": {name: {"md5": md5} for name, md5 in md5s.items()}}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return md5s
+
+
+@pytest.fixture
+def fake_mnist(tmp_path: Path) -> Path:
+    """A folder with fake IDX files and their manifest (the ``data.source: custom`` input)."""
+    write_fake_mnist(tmp_path / "custom")
+    return tmp_path / "custom"
+
+
+@pytest.fixture
+def fake_data_dir(tmp_path: Path, fake_mnist: Path) -> Path:
+    """A prepared data dir (raw/ + checksums.json) holding the fake MNIST."""
+    prepare_custom(tmp_path / "MNIST", fake_mnist, log=lambda message: None)
+    return tmp_path / "MNIST"
+
+
+TINY = {
+    "data": {"source": "custom"},
+    "model": {"hidden_dims": 64},
+    "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
+    "plot": {"grid_size": 4, "line_count": 4, "recon_count": 4},
+}
+
+
+@pytest.fixture
+def tiny_params() -> params_mod.Params:
+    p = params_mod.defaults()
+    return dataclasses.replace(
+        p,
+        **{
+            section: dataclasses.replace(getattr(p, section), **values)
+            for section, values in TINY.items()
+        },
+    )

@@ -1,0 +1,175 @@
+"""Data acquisition and verification: nothing unverified is ever used."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from vaelab import data
+from vaelab.errors import VaelabError
+
+
+def _md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_idx_round_trip_and_torchvision_layout(fake_data_dir):
+    images, labels = data.load_split(fake_data_dir, train=True)
+    assert images.shape == (320, 28, 28) and images.dtype.is_floating_point is False
+    assert labels.shape == (320,) and int(labels.max()) <= 9
+    raw = (fake_data_dir / "raw" / "train-images-idx3-ubyte").read_bytes()
+    assert int.from_bytes(raw[:4], "big") == 2051
+    assert np.array_equal(np.frombuffer(raw[16:], np.uint8).reshape(-1, 28, 28), images.numpy())
+
+
+def test_load_rejects_a_flipped_byte(fake_data_dir):
+    path = fake_data_dir / "raw" / "t10k-images-idx3-ubyte"
+    expected = _md5(path)
+    payload = bytearray(path.read_bytes())
+    payload[1000] ^= 0x01
+    path.write_bytes(bytes(payload))
+    with pytest.raises(VaelabError) as caught:
+        data.load_split(fake_data_dir, train=False)
+    message = str(caught.value)
+    assert str(path) in message and expected in message and _md5(path) in message
+    assert "dvc repro prepare" in message
+
+
+def test_load_rejects_a_truncated_file(fake_data_dir):
+    path = fake_data_dir / "raw" / "train-labels-idx1-ubyte"
+    expected = _md5(path)
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(VaelabError, match=expected):
+        data.load_split(fake_data_dir, train=True)
+
+
+def test_read_idx_rejects_wrong_magic_and_bad_size(tmp_path):
+    gz = tmp_path / "images.gz"
+    gz.write_bytes(gzip.compress(b"\x00" * 100))
+    with pytest.raises(VaelabError, match="magic number"):
+        data.read_idx(gz)
+    short = tmp_path / "short"
+    short.write_bytes(data.idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-5])
+    with pytest.raises(VaelabError, match="truncated"):
+        data.read_idx(short)
+
+
+def test_prepare_custom_rejects_a_file_that_does_not_match_its_manifest(tmp_path, fake_mnist):
+    path = fake_mnist / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(VaelabError, match="manifest.json if the data changed") as caught:
+        data.prepare_custom(tmp_path / "out", fake_mnist, log=lambda m: None)
+    assert _md5(path) in str(caught.value)
+    assert not (tmp_path / "out" / "raw" / "train-images-idx3-ubyte").exists()
+
+
+def test_prepare_mnist_keeps_the_canonical_check(tmp_path, fake_mnist):
+    """Fake files in raw/ are not MNIST: they are refused, and a source delivering them too."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data.FILES:
+        (raw / name).write_bytes((fake_mnist / name).read_bytes())
+
+    def fake_source(workdir):
+        return {name: fake_mnist / name for name in data.FILES}
+
+    with pytest.raises(VaelabError) as caught:
+        data.prepare_mnist(tmp_path / "MNIST", sources=(("fake", fake_source),), log=print)
+    message = str(caught.value)
+    assert data.CANONICAL_MD5["train-images-idx3-ubyte"] == "6bbc9ace898e44ae57da46a324031adb"
+    assert "6bbc9ace898e44ae57da46a324031adb" in message and "fake" in message
+    assert not (tmp_path / "MNIST" / "checksums.json").exists()
+
+
+def test_prepare_mnist_reuses_verified_files_and_fetches_only_bad_ones(
+    tmp_path, fake_mnist, monkeypatch
+):
+    manifest = json.loads((fake_mnist / "manifest.json").read_text())
+    monkeypatch.setattr(data, "CANONICAL_MD5", {n: e["md5"] for n, e in manifest["files"].items()})
+    out = tmp_path / "MNIST"
+    (out / "raw").mkdir(parents=True)
+    for name in data.FILES:
+        (out / "raw" / name).write_bytes((fake_mnist / name).read_bytes())
+    corrupt = out / "raw" / "t10k-labels-idx1-ubyte"
+    corrupt.write_bytes(b"garbage")
+    calls = []
+
+    def unavailable(workdir):
+        calls.append("unavailable")
+        raise data.SourceUnavailable("no network")
+
+    def good(workdir):
+        calls.append("good")
+        copies = {}
+        for name in data.FILES:
+            copies[name] = workdir / name
+            copies[name].write_bytes((fake_mnist / name).read_bytes())
+        return copies
+
+    checksums = data.prepare_mnist(out, sources=(("a", unavailable), ("b", good)), log=print)
+    assert calls == ["unavailable", "good"]
+    assert _md5(corrupt) == manifest["files"]["t10k-labels-idx1-ubyte"]["md5"]
+    assert checksums["files"]["t10k-labels-idx1-ubyte"]["md5"] == _md5(corrupt)
+    assert not list(out.glob(".fetch-*")), "temporary download folders are removed"
+    # Everything verified now: no source is asked again.
+    data.prepare_mnist(out, sources=(("never", lambda w: calls.append("never")),), log=print)
+    assert calls == ["unavailable", "good"]
+
+
+def _pickle_gz(obj) -> bytes:
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb") as f:
+        pickle.dump(obj, f, protocol=4)  # bytes as bytes; 5 would use _frombuffer
+    return buffer.getvalue()
+
+
+def test_mnist_pickle_rebuilds_idx_bytes_exactly():
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, size=(n, 784), dtype=np.uint8) for n in (5, 3, 4)]
+    labels = [rng.integers(0, 10, size=n).astype(np.int64) for n in (5, 3, 4)]
+    # The classic pickle's encoding: float32 value = byte / 256.
+    splits = tuple((p.astype(np.float32) / 256, y) for p, y in zip(pixels, labels, strict=True))
+    files = data.mnist_pickle_to_idx(_pickle_gz(splits))
+    train = np.concatenate(pixels[:2]).reshape(-1, 28, 28)
+    assert files["train-images-idx3-ubyte"] == (
+        (2051).to_bytes(4, "big") + (8).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+        + train.tobytes()
+    )  # fmt: skip
+    assert files["train-labels-idx1-ubyte"][8:] == np.concatenate(labels[:2]).astype(np.uint8).tobytes()
+    assert files["t10k-images-idx3-ubyte"][16:] == pixels[2].tobytes()
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_mnist_pickle_refuses_anything_but_numpy_arrays(tmp_path):
+    marker = str(tmp_path / "pwned")
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        data.mnist_pickle_to_idx(_pickle_gz(_RunsCode(marker)))
+    assert not os.path.exists(marker)
+
+
+def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        data.atomic_write_bytes(target, b"new content")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]

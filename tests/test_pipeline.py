@@ -1,0 +1,199 @@
+"""End to end: `dvc repro` / `dvc exp run` in a temporary copy of the repository on fake MNIST,
+then the MLflow store read back with MlflowClient. One test per row of the completeness table:
+
+| case                                               | wanted                                  |
+|----------------------------------------------------|-----------------------------------------|
+| `dvc repro` with changes                           | the run is complete                     |
+| `dvc repro` with nothing changed                   | no new run, no duplicate                |
+| only an evaluate or plot param changed             | a complete run for the new config       |
+| `dvc exp run` of params seen before (run cache)    | a complete run exists for that exp      |
+| two queued experiments, `-j 2`, fresh store        | two complete runs in the root store     |
+
+The tests of one repository run in file order and build on each other (as a user's session does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT, TINY, write_fake_mnist
+from vaelab import params as params_mod
+from vaelab.plot import FIGURES
+from vaelab.train import HISTORY_COLUMNS
+
+EXPERIMENT = "vaelab"
+PER_EPOCH = [c for c in HISTORY_COLUMNS if c != "epoch"]
+EVAL_METRICS = ["eval/test/neg_elbo", "eval/test/recon", "eval/test/kl",
+                "eval/train/neg_elbo", "eval/train_last_epoch/neg_elbo"]  # fmt: skip
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_")) and k != "VIRTUAL_ENV"}  # fmt: skip
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env |= {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+    return env
+
+
+def run(repo: Path, *cmd: str, timeout: int = 300) -> str:
+    result = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True,
+                            timeout=timeout)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output}"
+    return output
+
+
+def make_repo(path: Path) -> Path:
+    """A git + DVC repository with the project's files, tiny params and committed fake data."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    for name in files:
+        if name.startswith(("tests/", "reports/")) or name == "dvc.lock":
+            continue
+        if (PROJECT / name).is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT / name, path / name)
+    raw = yaml.safe_load((path / "params.yaml").read_text())
+    for section, values in TINY.items():
+        raw[section].update(values)
+    (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_fake_mnist(path / "data" / "custom")
+    run(path, "git", "init", "-q", "-b", "main")
+    run(path, "git", "add", "-A")
+    run(path, "git", "commit", "-qm", "fake-MNIST copy of vaelab")
+    return path
+
+
+def set_param(repo: Path, section: str, key: str, value) -> None:
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def client_for(repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs(repo: Path):
+    client = client_for(repo)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def assert_complete(repo: Path, run_, params_file: Path) -> None:
+    """Every param, one value per epoch per metric, the eval metrics, figures and model."""
+    client = client_for(repo)
+    assert run_.info.status == "FINISHED"
+    expected = {k: str(v) for k, v in params_mod.flatten(params_mod.load(params_file)).items()}
+    assert run_.data.params == expected
+    epochs = int(expected["train.epochs"])
+    for key in PER_EPOCH:
+        history = client.get_metric_history(run_.info.run_id, key)
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1)), key
+    for key in EVAL_METRICS:
+        assert key in run_.data.metrics, key
+    figures = {Path(a.path).name for a in client.list_artifacts(run_.info.run_id, "figures")}
+    assert figures == set(FIGURES)
+    assert [a.path for a in client.list_artifacts(run_.info.run_id, "model")] == ["model/vae.pt"]
+    reports = {Path(a.path).name for a in client.list_artifacts(run_.info.run_id, "reports")}
+    assert {"params.yaml", "metrics.json", "train_history.csv", "checksums.json"} <= reports
+    tags = run_.data.tags
+    assert tags["git.commit"] == run(repo, "git", "rev-parse", "HEAD").strip() or tags[
+        "dvc.baseline_rev"
+    ]
+    manifest = yaml.safe_load((repo / "data" / "custom" / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        assert tags[f"data.md5.{name}"] == entry["md5"]
+    assert tags["device"] == "cpu" and tags["torch.version"]
+    # Artifacts live in the repository's mlartifacts/, not in a temporary copy.
+    local = Path(run_.info.artifact_uri.removeprefix("file://"))
+    assert local.is_relative_to(repo / "mlartifacts"), run_.info.artifact_uri
+    assert (local / "figures" / "latent_grid.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("repo"))
+
+
+def test_repro_with_changes_gives_one_complete_run(repo):
+    run(repo, "dvc", "repro")
+    (only,) = runs(repo)
+    assert_complete(repo, only, repo / "params.yaml")
+    assert only.data.tags["git.dirty"] == "false"
+    for name in FIGURES:
+        assert (repo / "reports" / "figures" / name).stat().st_size > 0
+    assert (repo / "reports" / "metrics.json").is_file()
+    assert len((repo / "reports" / "train_history.csv").read_text().splitlines()) == 1 + 2
+
+
+def test_repro_with_nothing_changed_adds_no_run(repo):
+    before = [r.info.run_id for r in runs(repo)]
+    output = run(repo, "dvc", "repro")
+    assert "already holds this result" in output
+    assert [r.info.run_id for r in runs(repo)] == before
+
+
+def test_only_an_evaluate_param_changed_gives_a_new_complete_run(repo):
+    (first,) = runs(repo)
+    set_param(repo, "evaluate", "seed", 7)
+    output = run(repo, "dvc", "repro")
+    assert "Stage 'train' didn't change" in output
+    first_again, second = runs(repo)
+    assert first_again.info.run_id == first.info.run_id
+    assert second.data.params["evaluate.seed"] == "7"
+    assert second.data.tags["vaelab.source_run_id"] == first.info.run_id
+    assert second.data.tags["git.dirty"] == "true"  # params.yaml edited, not committed
+    assert_complete(repo, second, repo / "params.yaml")
+
+
+def test_exp_run_of_params_seen_before_gives_a_complete_run_named_after_it(repo):
+    (first, *_) = runs(repo)
+    run(repo, "dvc", "exp", "run", "-S", "train.seed=5")  # trains a new model ...
+    count = len(runs(repo))
+    output = run(repo, "dvc", "exp", "run", "-n", "seen-before", "-S", "train.seed=0",
+                 "-S", "evaluate.seed=0")  # ... and back: train comes from DVC's run cache
+    assert "Stage 'train' is cached" in output
+    new = runs(repo)[count:]
+    assert [r.info.run_name for r in new] == ["seen-before"]
+    assert new[0].data.tags["dvc.exp_name"] == "seen-before"
+    assert new[0].data.tags["vaelab.source_run_id"] == first.info.run_id
+    assert_complete(repo, new[0], repo / "params.yaml")
+
+
+def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
+    repo = make_repo(tmp_path / "queue")
+    for seed in (1, 2):
+        run(repo, "dvc", "exp", "run", "--queue", "-n", f"seed-{seed}", "-S", f"train.seed={seed}")
+    assert not (repo / "mlflow.db").exists()
+    run(repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        status = run(repo, "dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    else:
+        pytest.fail(f"queue did not finish:\n{status}")
+    assert status.count("Success") == 2, status
+    done = runs(repo)
+    assert sorted(r.info.run_name for r in done) == ["seed-1", "seed-2"]
+    for r in done:
+        assert r.data.tags["dvc.exp_name"] == r.info.run_name
+        assert r.data.tags["dvc.baseline_rev"] == run(repo, "git", "rev-parse", "HEAD").strip()
+        run(repo, "dvc", "exp", "apply", r.info.run_name)
+        assert_complete(repo, r, repo / "params.yaml")

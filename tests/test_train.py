@@ -1,0 +1,85 @@
+"""The training loop: deterministic on CPU, learns, and refuses impossible settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vaelab.data import load_split
+from vaelab.errors import VaelabError
+from vaelab.train import HISTORY_COLUMNS, resolve_device, train_model
+
+TIMING = {"epoch_seconds", "images_per_second"}
+
+
+def _train(params, data_dir):
+    train_x, _ = load_split(data_dir, train=True)
+    test_x, _ = load_split(data_dir, train=False)
+    return train_model(params, train_x, test_x, torch.device("cpu"))
+
+
+def test_seeded_cpu_runs_are_bit_identical(tiny_params, fake_data_dir):
+    model_a, history_a = _train(tiny_params, fake_data_dir)
+    model_b, history_b = _train(tiny_params, fake_data_dir)
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in history_a] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in history_b
+    ]
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(value, model_b.state_dict()[key]), key
+    other = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, seed=1))
+    _, history_c = _train(other, fake_data_dir)
+    assert history_c[-1]["train/neg_elbo"] != history_a[-1]["train/neg_elbo"]
+
+
+def test_history_has_one_row_per_epoch_and_the_loss_falls(tiny_params, fake_data_dir):
+    params = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, epochs=4))
+    _, history = _train(params, fake_data_dir)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert all(set(row) == set(HISTORY_COLUMNS) for row in history)
+    for row in history:
+        assert row["train/neg_elbo"] == pytest.approx(row["train/recon"] + row["train/kl"])
+        assert row["train/loss"] == pytest.approx(row["train/neg_elbo"])  # beta = 1
+    assert history[-1]["test/neg_elbo"] < 0.8 * history[0]["test/neg_elbo"]
+
+
+def test_beta_weights_only_the_kl_in_the_objective(tiny_params, fake_data_dir):
+    params = dataclasses.replace(tiny_params, loss=dataclasses.replace(tiny_params.loss, beta=0.25))
+    _, history = _train(params, fake_data_dir)
+    row = history[0]
+    assert row["train/loss"] == pytest.approx(row["train/recon"] + 0.25 * row["train/kl"])
+
+
+def test_batch_larger_than_the_data_set_is_refused(tiny_params, fake_data_dir):
+    params = dataclasses.replace(
+        tiny_params, train=dataclasses.replace(tiny_params.train, batch_size=321)
+    )
+    with pytest.raises(VaelabError, match=r"'train.batch_size' is 321.*320 images"):
+        _train(params, fake_data_dir)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_a_clear_error():
+    with pytest.raises(VaelabError, match="'train.device' is 'cuda'.*'auto' or 'cpu'"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_stage_reports_user_errors_without_a_traceback(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochs: [\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "vaelab.train", "--params", str(bad), "--data-dir", str(tmp_path),
+         "--model", str(tmp_path / "m.pt"), "--history", str(tmp_path / "h.csv"),
+         "--run-info", str(tmp_path / "r.json")],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {bad}: not valid YAML at line")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "mlflow.db").exists()
