@@ -142,7 +142,8 @@ def test_mnist_pickle_rebuilds_idx_bytes_exactly():
         (2051).to_bytes(4, "big") + (8).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
         + train.tobytes()
     )  # fmt: skip
-    assert files["train-labels-idx1-ubyte"][8:] == np.concatenate(labels[:2]).astype(np.uint8).tobytes()
+    train_labels = np.concatenate(labels[:2]).astype(np.uint8)
+    assert files["train-labels-idx1-ubyte"][8:] == train_labels.tobytes()
     assert files["t10k-images-idx3-ubyte"][16:] == pixels[2].tobytes()
 
 

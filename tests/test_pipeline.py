@@ -112,9 +112,10 @@ def assert_complete(repo: Path, run_, params_file: Path) -> None:
     reports = {Path(a.path).name for a in client.list_artifacts(run_.info.run_id, "reports")}
     assert {"params.yaml", "metrics.json", "train_history.csv", "checksums.json"} <= reports
     tags = run_.data.tags
-    assert tags["git.commit"] == run(repo, "git", "rev-parse", "HEAD").strip() or tags[
-        "dvc.baseline_rev"
-    ]
+    assert (
+        tags["git.commit"] == run(repo, "git", "rev-parse", "HEAD").strip()
+        or tags["dvc.baseline_rev"]
+    )
     manifest = yaml.safe_load((repo / "data" / "custom" / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         assert tags[f"data.md5.{name}"] == entry["md5"]
@@ -165,8 +166,18 @@ def test_exp_run_of_params_seen_before_gives_a_complete_run_named_after_it(repo)
     (first, *_) = runs(repo)
     run(repo, "dvc", "exp", "run", "-S", "train.seed=5")  # trains a new model ...
     count = len(runs(repo))
-    output = run(repo, "dvc", "exp", "run", "-n", "seen-before", "-S", "train.seed=0",
-                 "-S", "evaluate.seed=0")  # ... and back: train comes from DVC's run cache
+    output = run(
+        repo,
+        "dvc",
+        "exp",
+        "run",
+        "-n",
+        "seen-before",
+        "-S",
+        "train.seed=0",
+        "-S",
+        "evaluate.seed=0",
+    )  # ... and back: train comes from DVC's run cache
     assert "Stage 'train' is cached" in output
     new = runs(repo)[count:]
     assert [r.info.run_name for r in new] == ["seen-before"]

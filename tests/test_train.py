@@ -37,7 +37,8 @@ def test_seeded_cpu_runs_are_bit_identical(tiny_params, fake_data_dir):
 
 
 def test_history_has_one_row_per_epoch_and_the_loss_falls(tiny_params, fake_data_dir):
-    params = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, epochs=4))
+    longer = dataclasses.replace(tiny_params.train, epochs=4)
+    params = dataclasses.replace(tiny_params, train=longer)
     _, history = _train(params, fake_data_dir)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     assert all(set(row) == set(HISTORY_COLUMNS) for row in history)
@@ -48,7 +49,8 @@ def test_history_has_one_row_per_epoch_and_the_loss_falls(tiny_params, fake_data
 
 
 def test_beta_weights_only_the_kl_in_the_objective(tiny_params, fake_data_dir):
-    params = dataclasses.replace(tiny_params, loss=dataclasses.replace(tiny_params.loss, beta=0.25))
+    weighted = dataclasses.replace(tiny_params.loss, beta=0.25)
+    params = dataclasses.replace(tiny_params, loss=weighted)
     _, history = _train(params, fake_data_dir)
     row = history[0]
     assert row["train/loss"] == pytest.approx(row["train/recon"] + 0.25 * row["train/kl"])

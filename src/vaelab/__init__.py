@@ -1,1 +1,1 @@
-"""vaelab: experiment-tracked variational autoencoders on MNIST (a DVC pipeline logged to MLflow)."""
+"""vaelab: tracked variational autoencoders on MNIST, a DVC pipeline logged to MLflow."""

@@ -263,9 +263,10 @@ def _write_checksums(data_dir: Path, source: str, md5s: dict[str, str]) -> dict:
 
 
 def prepare_custom(data_dir: Path, custom_dir: Path, log: Callable[[str], None] = print) -> dict:
-    """Copy user-provided IDX files into ``data_dir`` after checking them against their manifest."""
-    md5s = read_manifest(custom_dir / "manifest.json")
-    fix = f"Replace the file, or update {custom_dir / 'manifest.json'} if the data changed on purpose."
+    """Copy user-provided IDX files into ``data_dir`` once they match their manifest."""
+    manifest = custom_dir / "manifest.json"
+    md5s = read_manifest(manifest)
+    fix = f"Replace the file, or update {manifest} if the data changed on purpose."
     for name in FILES:
         verify_file(custom_dir / name, md5s[name], fix)
         read_idx(custom_dir / name)  # also rejects a wrong magic number or size

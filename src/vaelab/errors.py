@@ -14,7 +14,7 @@ class VaelabError(Exception):
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's ``main()``; turn user errors and Ctrl-C into a one-line message and exit code."""
+    """Run a stage's ``main()``; user errors and Ctrl-C become a one-line message + exit code."""
     try:
         main()
     except VaelabError as error:

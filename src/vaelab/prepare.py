@@ -17,8 +17,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="data dir (torchvision layout)")
-    parser.add_argument("--custom-dir", type=Path, required=True,
-                        help="IDX files + manifest.json, used when data.source is 'custom'")  # fmt: skip
+    parser.add_argument(
+        "--custom-dir", type=Path, required=True, help="IDX files + manifest.json (source: custom)"
+    )
     args = parser.parse_args(argv)
 
     params = params_mod.load(args.params)
