@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5000
 
-.PHONY: repro test test-slow ui lint clean-venv
+.PHONY: repro test ui lint clean-venv
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -23,11 +23,8 @@ repro: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
-test-slow: $(VENV)/.installed-dev
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m slow
-
 ui: $(VENV)/.installed
-	$(BIN)/python -m vaelab.tracking ui --port $(PORT)
+	$(BIN)/python -m vaelab.tracking --port $(PORT)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests

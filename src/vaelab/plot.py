@@ -46,12 +46,17 @@ def _dims_note(model: VAE) -> str:
     return f" (z1, z2; other {extra} dims at 0)" if extra else ""
 
 
-def loss_curve(history: list[dict[str, float]], path: Path, plt) -> None:  # noqa: ANN001
+def loss_curve(history: list[dict[str, float]], likelihood: str, path: Path, plt) -> None:  # noqa: ANN001
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train/neg_elbo"] for r in history], "o-", label="train (epoch mean)")
     ax.plot(epochs, [r["test/neg_elbo"] for r in history], "s-", label="test")
-    ax.set(xlabel="epoch", ylabel="negative ELBO (nats / image)", title="Negative ELBO per epoch")
+    note = ", without the constant 720.4" if likelihood == "gaussian" else ""
+    ax.set(
+        xlabel="epoch",
+        ylabel=f"negative ELBO (nats / image{note})",
+        title=f"Negative ELBO per epoch ({likelihood} likelihood)",
+    )
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -68,7 +73,7 @@ def latent_line(model: VAE, cfg: PlotParams, path: Path, plt) -> None:  # noqa: 
     images = _decode_images(model, _plane_to_latent(points, model.latent_dims))
     cols = min(5, cfg.line_count)  # the tutorial's 2 x 5 grid for 10 points
     rows = math.ceil(cfg.line_count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.0 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, (z1, z2) in zip(axes.flat, images, points.tolist(), strict=False):
@@ -159,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     test_images, test_labels = load_split(args.data_dir, train=False)
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = params.plot
-    loss_curve(read_history(args.history), args.out / "loss_curve.png", plt)
+    loss_curve(
+        read_history(args.history), params.loss.likelihood, args.out / "loss_curve.png", plt
+    )
     latent_line(model, cfg, args.out / "latent_line.png", plt)
     latent_scatter(model, test_images, test_labels, args.out / "latent_scatter.png", plt)
     latent_grid(model, cfg.grid_size, args.out / "latent_grid.png", plt)
