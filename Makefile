@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5000
 
-.PHONY: repro test ui lint clean-venv
+.PHONY: repro test ui bench lint clean-venv
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,13 @@ test: $(VENV)/.installed-dev
 
 ui: $(VENV)/.installed
 	$(BIN)/python -m vaelab.tracking --port $(PORT)
+
+# The tutorial's training loop vs vaelab's on real MNIST (prepared by DVC first). Add arguments
+# with BENCH_ARGS, e.g. make bench BENCH_ARGS="--epochs 5 --compile".
+BENCH_ARGS ?=
+bench: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro prepare
+	$(BIN)/python -m vaelab.bench --data-dir data/MNIST --report reports/benchmark.md $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests

@@ -46,8 +46,9 @@ def test_load_rejects_a_truncated_file(fake_data_dir):
     path = fake_data_dir / "raw" / "train-labels-idx1-ubyte"
     expected = _md5(path)
     path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(VaelabError, match=expected):
+    with pytest.raises(VaelabError, match=expected) as caught:
         data.load_split(fake_data_dir, train=True)
+    assert _md5(path) in str(caught.value) and str(path) in str(caught.value)
 
 
 def test_read_idx_rejects_wrong_magic_and_bad_size(tmp_path):
@@ -99,6 +100,7 @@ def test_prepare_mnist_reuses_verified_files_and_fetches_only_bad_ones(
         (out / "raw" / name).write_bytes((fake_mnist / name).read_bytes())
     corrupt = out / "raw" / "t10k-labels-idx1-ubyte"
     corrupt.write_bytes(b"garbage")
+    inodes = {name: (out / "raw" / name).stat().st_ino for name in data.FILES}
     calls = []
 
     def unavailable(workdir):
@@ -117,7 +119,10 @@ def test_prepare_mnist_reuses_verified_files_and_fetches_only_bad_ones(
     assert calls == ["unavailable", "good"]
     assert _md5(corrupt) == manifest["files"]["t10k-labels-idx1-ubyte"]["md5"]
     assert checksums["files"]["t10k-labels-idx1-ubyte"]["md5"] == _md5(corrupt)
-    assert not list(out.glob(".fetch-*")), "temporary download folders are removed"
+    replaced = [n for n in data.FILES if (out / "raw" / n).stat().st_ino != inodes[n]]
+    assert replaced == ["t10k-labels-idx1-ubyte"], "verified files are kept, not fetched again"
+    assert not list(tmp_path.glob(".MNIST-fetch-*")), "temporary download folders are removed"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "nothing left in the output"
     # Everything verified now: no source is asked again.
     data.prepare_mnist(out, sources=(("never", lambda w: calls.append("never")),), log=print)
     assert calls == ["unavailable", "good"]

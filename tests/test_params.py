@@ -41,18 +41,20 @@ def _raw():
 BAD = [
     # (section, key, value, fragments the message must contain)
     ("train", "epoch", 5, ["unknown key 'train.epoch'", "Did you mean 'epochs'"]),
-    ("train", "lr", "fast", ["'train.lr'", "'fast'", "a number"]),
+    ("train", "lr", "fast", ["'train.lr'", "'fast'", "a finite number"]),
     ("train", "epochs", 0, ["'train.epochs'", "0", ">= 1"]),
     ("train", "epochs", True, ["'train.epochs'", "an integer"]),
     ("train", "epochs", 2.5, ["'train.epochs'", "an integer"]),
     ("train", "lr", -0.1, ["'train.lr'", "> 0"]),
+    ("train", "lr", float("inf"), ["'train.lr'", "a finite number"]),
+    ("train", "seed", 2**40, ["'train.seed'", "2**32 - 1"]),
     ("train", "batch_size", 0, ["'train.batch_size'", ">= 1"]),
     ("model", "latent_dims", 0, ["'model.latent_dims'", ">= 2"]),
     ("loss", "beta", -1, ["'loss.beta'", ">= 0"]),
     ("loss", "likelihood", "gausian", ["'loss.likelihood'", "Did you mean 'gaussian'"]),
     ("train", "device", "tpu", ["'train.device'", "'auto', 'cpu', 'cuda'"]),
     ("plot", "line_start", [1.0], ["'plot.line_start'", "a list of 2 numbers"]),
-    ("plot", "line_end", [1.0, "x"], ["'plot.line_end[1]'", "a number"]),
+    ("plot", "line_end", [1.0, "x"], ["'plot.line_end[1]'", "a finite number"]),
     ("mlflow", "experiment", "  ", ["'mlflow.experiment'", "non-empty"]),
 ]
 
@@ -88,6 +90,15 @@ def test_malformed_yaml_names_the_line(tmp_path):
     path.write_text("train:\n  epochs: 3\n  lr: [0.1\nmodel: {}\n")
     with pytest.raises(VaelabError, match=r"not valid YAML at line \d+"):
         params_mod.load(path)
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-5", 1e-5), ("1E3", 1000.0), ("2.5e-1", 0.25)])
+def test_exponent_floats_read_as_numbers(tmp_path, text, value):
+    """`dvc exp run -S loss.beta=1e-5` writes `beta: 1e-05`; YAML 1.1 would read a string."""
+    raw = (PROJECT / "params.yaml").read_text().replace("beta: 1.0", f"beta: {text}")
+    path = tmp_path / "params.yaml"
+    path.write_text(raw)
+    assert params_mod.load(path).loss.beta == value
 
 
 def test_missing_file(tmp_path):

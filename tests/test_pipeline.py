@@ -112,10 +112,8 @@ def assert_complete(repo: Path, run_, params_file: Path) -> None:
     reports = {Path(a.path).name for a in client.list_artifacts(run_.info.run_id, "reports")}
     assert {"params.yaml", "metrics.json", "train_history.csv", "checksums.json"} <= reports
     tags = run_.data.tags
-    assert (
-        tags["git.commit"] == run(repo, "git", "rev-parse", "HEAD").strip()
-        or tags["dvc.baseline_rev"]
-    )
+    head = run(repo, "git", "rev-parse", "HEAD").strip()
+    assert tags["git.commit"] == (tags["dvc.baseline_rev"] or head)
     manifest = yaml.safe_load((repo / "data" / "custom" / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         assert tags[f"data.md5.{name}"] == entry["md5"]

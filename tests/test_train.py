@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -83,5 +84,42 @@ def test_stage_reports_user_errors_without_a_traceback(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {bad}: not valid YAML at line")
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_compiled_step_trains_like_the_eager_one(tiny_params, fake_data_dir, monkeypatch):
+    """train.compile on the CPU (torch.compile's default mode; CUDA graphs need a GPU)."""
+    import torch._inductor.config
+
+    # Compiled code draws its own random numbers unless told to use eager's generator.
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    one_epoch = dataclasses.replace(tiny_params.train, epochs=1)
+    eager = dataclasses.replace(tiny_params, train=one_epoch)
+    compiled = dataclasses.replace(tiny_params, train=dataclasses.replace(one_epoch, compile=True))
+    _, eager_history = _train(eager, fake_data_dir)
+    _, compiled_history = _train(compiled, fake_data_dir)
+    # Same seed, same noise, same maths; only kernel fusion and summation order differ.
+    for key in ("train/neg_elbo", "test/neg_elbo"):
+        assert compiled_history[0][key] == pytest.approx(eager_history[0][key], rel=1e-4), key
+
+
+def test_benchmark_smoke(fake_data_dir, tmp_path):
+    """`python -m vaelab.bench` end to end on the fake MNIST: the table's shape, not its speed."""
+    report = tmp_path / "benchmark.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "vaelab.bench", "--data-dir", str(fake_data_dir), "--epochs", "2",
+         "--batch-size", "32", "--sweep", "64", "--device", "cpu", "--report", str(report)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows] == ["loop", "reference", "vaelab", "vaelab"]
+    assert [row.split("|")[2].strip() for row in rows[1:]] == ["64", "32", "64"]
+    payload = json.loads(report.with_suffix(".json").read_text())
+    assert payload["machine"]["torch"] == torch.__version__
+    assert payload["rows"][0]["ratio"] == 1.0
+    for row in payload["rows"]:
+        assert row["images_per_second"] > 0 and row["epochs"] == 2
+        assert row["test_neg_elbo"] > 0

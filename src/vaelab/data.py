@@ -124,6 +124,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file permissions
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -288,6 +291,10 @@ def prepare_mnist(
     """
     raw = data_dir / RAW_DIR
     raw.mkdir(parents=True, exist_ok=True)
+    # Downloads go beside data_dir (same filesystem, so moves are atomic) and not inside it: a
+    # killed run must not leave debris in the DVC output. Clear what a killed run left.
+    for stale in data_dir.parent.glob(f".{data_dir.name}-fetch-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     missing = []
     for name in FILES:
         path = raw / name
@@ -304,7 +311,7 @@ def prepare_mnist(
     for label, fetch in sources:
         if not missing:
             break
-        workdir = Path(tempfile.mkdtemp(dir=data_dir, prefix=".fetch-"))
+        workdir = Path(tempfile.mkdtemp(dir=data_dir.parent, prefix=f".{data_dir.name}-fetch-"))
         try:
             log(f"prepare: fetching {len(missing)} file(s) via {label} ...")
             fetched = fetch(workdir)

@@ -51,7 +51,10 @@ class VAE(nn.Module):
         """One posterior sample per image: returns (logits, mu, logvar)."""
         mu, logvar = self.encode(x)
         # Reparameterisation (Kingma & Welling 2014, sec. 2.4): z = mu + sigma * eps, eps ~ N(0,I)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        if generator is None:
+            eps = torch.randn_like(mu)  # the global RNG; also traceable by torch.compile
+        else:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps
         return self.decode(z), mu, logvar
 
@@ -149,6 +152,6 @@ def save(model: VAE, path: Path) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
     """Rebuild a saved VAE in eval mode. Only tensors and plain containers are unpickled."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    model = VAE(**checkpoint["config"])
+    model = VAE(**checkpoint["config"]).to(map_location)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()

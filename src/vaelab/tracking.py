@@ -149,7 +149,8 @@ class TrainingRun:
 
 @contextlib.contextmanager
 def training_run(params: Params, checksums: dict, device: object) -> Iterator[TrainingRun]:
-    """Open the train stage's run with all params and tags; mark it FAILED on an exception.
+    """Open the train stage's run with all params and tags; mark it FAILED on an exception
+    (KILLED on Ctrl-C), with the reason as the ``vaelab.error`` tag.
 
     On success it stays RUNNING: ``record`` finishes it once evaluate and plot have run.
     """
@@ -158,12 +159,10 @@ def training_run(params: Params, checksums: dict, device: object) -> Iterator[Tr
 
     client, experiment_id = connect(params.mlflow.experiment)
     tags = context_tags(checksums) | {"device": str(device), "torch.version": torch.__version__}
-    run = client.create_run(
-        experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None, tags=tags
-    )
-    run_id = run.info.run_id
-    client.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in flatten(params).items()])
+    run_name = os.environ.get("DVC_EXP_NAME") or None
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     try:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flatten(params).items()])
         yield TrainingRun(client, run_id)
     except BaseException as error:
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
@@ -172,18 +171,20 @@ def training_run(params: Params, checksums: dict, device: object) -> Iterator[Tr
         raise
 
 
-def _param_str(value: object) -> str:
-    return str(value)
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _fingerprint(flat_params: dict, train_run_id: str, history: list, metrics: dict) -> str:
+def _fingerprint(flat_params: dict[str, str], outputs: PipelineOutputs, history: list) -> str:
+    """What makes a pipeline result: params, the train run, and every output a run carries."""
+    figures = sorted(p for p in outputs.figures.iterdir() if p.is_file())
     payload = {
-        "params": {k: _param_str(v) for k, v in flat_params.items()},
-        "train_run_id": train_run_id,
+        "params": flat_params,
+        "train_run_id": json.loads(outputs.run_info.read_text())["run_id"],
         "history": history,
-        "metrics": metrics,
-        # A DVC experiment (even one DVC restored from its run cache) gets a run of its own name.
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "files": {
+            p.name: _md5(p) for p in (outputs.metrics, outputs.checksums, outputs.model, *figures)
+        },
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -214,16 +215,19 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
     """Make sure one complete, FINISHED run holds this pipeline result; return its id."""
     from mlflow.entities import Param, RunTag
 
-    flat = {k: _param_str(v) for k, v in flatten(params).items()}
+    flat = {k: str(v) for k, v in flatten(params).items()}
     train_run_id = json.loads(outputs.run_info.read_text())["run_id"]
-    metrics = json.loads(outputs.metrics.read_text())
     checksums = json.loads(outputs.checksums.read_text())
-    fingerprint = _fingerprint(flat, train_run_id, history, metrics)
+    fingerprint = _fingerprint(flat, outputs, history)
+    exp_name = os.environ.get("DVC_EXP_NAME") or None
 
     client, experiment_id = connect(params.mlflow.experiment)
-    done = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}'"
-    )
+    # The fingerprint is set last, so only a run that got everything can match. A DVC experiment
+    # (even one restored whole from DVC's run cache) gets a run under its own name.
+    query = f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'"
+    if exp_name:
+        query += f" and tags.`dvc.exp_name` = '{exp_name}'"
+    done = client.search_runs([experiment_id], filter_string=query, max_results=1)
     if done:
         print(f"record: run {done[0].info.run_id} already holds this result; nothing to log")
         return done[0].info.run_id
@@ -232,22 +236,16 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
         source = client.get_run(train_run_id)
     except Exception:  # noqa: BLE001 - deleted or from another store: rebuild below
         source = None
-    exp_name = os.environ.get("DVC_EXP_NAME") or None
-    completes_train_run = (
-        source is not None
-        and source.info.experiment_id == experiment_id
-        and FINGERPRINT_TAG not in source.data.tags
-        and source.info.status == "RUNNING"
-        and source.data.params == flat
-    )
-    if completes_train_run:
+    unfinished = source is not None and source.info.status == "RUNNING"
+    if unfinished and source.info.experiment_id == experiment_id and source.data.params == flat:
         run_id = train_run_id
         if exp_name and source.info.run_name != exp_name:
             client.set_tag(run_id, "mlflow.runName", exp_name)
         how = "completed the train run"
     else:
         # Train did not run this time (DVC cache) or its run holds other params (only an
-        # evaluate/plot param changed): rebuild a complete run from the DVC outputs.
+        # evaluate/plot param changed; MLflow params are immutable): rebuild a complete run
+        # from the DVC outputs.
         carried = {}
         if source is not None:
             carried = {k: source.data.tags[k] for k in ("device", "torch.version")
@@ -258,18 +256,20 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
         for row in history:
             values = {k: v for k, v in row.items() if k != "epoch"}
             client.log_batch(run_id, metrics=_metric_batch(values, int(row["epoch"])))
+        if unfinished:
+            # Its results now live in the rebuilt run; don't leave it looking in progress.
+            client.set_tag(train_run_id, "vaelab.superseded_by", run_id)
+            client.set_terminated(train_run_id, "KILLED")
         how = f"rebuilt from DVC outputs (train run {train_run_id})"
 
+    metrics = json.loads(outputs.metrics.read_text())
     final_step = int(history[-1]["epoch"]) if history else 0
-    client.log_batch(
-        run_id,
-        metrics=_metric_batch(flatten_metrics(metrics), final_step),
-        tags=[RunTag(FINGERPRINT_TAG, fingerprint)],
-    )
+    client.log_batch(run_id, metrics=_metric_batch(flatten_metrics(metrics), final_step))
     client.log_artifacts(run_id, str(outputs.figures), artifact_path="figures")
     for path in (outputs.params_file, outputs.metrics, outputs.history, outputs.checksums):
         client.log_artifact(run_id, str(path), artifact_path="reports")
     client.log_artifact(run_id, str(outputs.model), artifact_path="model")
+    client.log_batch(run_id, tags=[RunTag(FINGERPRINT_TAG, fingerprint)])
     client.set_terminated(run_id, "FINISHED")
     print(f"record: MLflow run {run_id} is complete ({how})")
     return run_id

@@ -43,6 +43,39 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def adam(model: VAE, lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel (one kernel for all parameters; CPU and CUDA): measured on a
+    2-core CPU, an epoch took 2.3-2.7 s with it against 4.3-4.6 s for the default (see README)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
+def make_train_step(
+    model: VAE, optimizer: torch.optim.Optimizer, likelihood: str, beta: float, compile: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One optimisation step on a batch x (B, 1, 28, 28); returns the batch sums of
+    (loss, recon, kl) as a (3,) tensor on the device, so the caller never syncs with the host.
+
+    compile=True wraps it in ``torch.compile``: on CUDA in "reduce-overhead" mode (CUDA graphs,
+    no kernel launch overhead per step), elsewhere in the default mode.
+    """
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        logits, mu, logvar = model(x)
+        terms = elbo_terms(x, logits, mu, logvar, likelihood)
+        loss = training_loss(terms, beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return torch.stack([loss.detach() * len(x), terms.recon.detach().sum(),
+                            terms.kl.detach().sum()])  # fmt: skip
+
+    if not compile:
+        return step
+    on_cuda = next(model.parameters()).is_cuda
+    # dynamic=False: two static shapes (full batches and the last, smaller one) compile once each.
+    return torch.compile(step, mode="reduce-overhead" if on_cuda else None, dynamic=False)
+
+
 def train_model(
     params: Params,
     train_images: torch.Tensor,
@@ -65,7 +98,10 @@ def train_model(
     torch.manual_seed(cfg.seed)  # initial weights and the reparameterisation noise
     order = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order, its own stream
     model = VAE(params.model.latent_dims, params.model.hidden_dims).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model, cfg.lr)
+    train_step = make_train_step(
+        model, optimizer, params.loss.likelihood, params.loss.beta, cfg.compile
+    )
     train_images, test_images = train_images.to(device), test_images.to(device)
     n_batches = math.ceil(n_images / cfg.batch_size)
     history: list[dict[str, float]] = []
@@ -81,14 +117,7 @@ def train_model(
         for step in bar:
             index = permutation[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = images_to_float(train_images[index])  # (B, 1, 28, 28) in [0, 1]
-            logits, mu, logvar = model(x)
-            terms = elbo_terms(x, logits, mu, logvar, params.loss.likelihood)
-            loss = training_loss(terms, params.loss.beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                sums += torch.stack([loss * len(x), terms.recon.sum(), terms.kl.sum()])
+            sums += train_step(x)
             if not bar.disable and step % 50 == 0:
                 bar.set_postfix(loss=f"{sums[0].item() / ((step + 1) * cfg.batch_size):.2f}")
         loss_sum, recon_sum, kl_sum = (sums / n_images).tolist()  # one host sync per epoch

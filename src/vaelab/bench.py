@@ -1,0 +1,312 @@
+"""Benchmark: the course tutorial's training loop against vaelab's, same data, model and device.
+
+    python -m vaelab.bench --data-dir data/MNIST [--epochs 3] [--batch-size 64] [--device auto]
+        [--sweep 64,256,1024] [--compile] [--report reports/benchmark.md]
+
+Each configuration runs in a fresh subprocess (so peak memory is its own) and prints one JSON line.
+Times exclude the first (warm-up) epoch. The reference is the tutorial reproduced faithfully:
+torchvision's MNIST with ToTensor, DataLoader(batch_size=64, shuffle=True), its model (two
+separate mu/logvar heads, noise drawn on the CPU and moved), loss 0.5*SSE summed + KL averaged,
+``.to(device)`` per batch, Adam 1e-3. vaelab runs ``vaelab.train.train_model`` with beta = 1/64,
+which is the same objective up to a constant factor (tests/test_model.py checks the identity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaelab import params as params_mod
+from vaelab.data import atomic_write_bytes, load_split
+from vaelab.errors import VaelabError, run_stage
+from vaelab.model import VAE, dataset_elbo
+from vaelab.train import resolve_device, train_model
+
+TUTORIAL_BATCH = 64
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+class TutorialEncoder(nn.Module):
+    def __init__(self, latent_dims: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(784, 512)
+        self.linear2 = nn.Linear(512, latent_dims)
+        self.linear3 = nn.Linear(512, latent_dims)
+        self.kl = torch.tensor(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.linear1(torch.flatten(x, start_dim=1)))
+        mu, logvar = self.linear2(x), self.linear3(x)
+        eps = torch.randn(mu.size(0), mu.size(1)).to(mu.device)  # drawn on the CPU, then moved
+        z = mu + eps * torch.exp(logvar / 2.0)
+        self.kl = -0.5 * torch.sum(1 + logvar - mu**2 - torch.exp(logvar), dim=1).mean()
+        return z
+
+
+class TutorialDecoder(nn.Module):
+    def __init__(self, latent_dims: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(latent_dims, 512)
+        self.linear2 = nn.Linear(512, 784)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.linear2(F.relu(self.linear1(z)))).reshape((-1, 1, 28, 28))
+
+
+class TutorialVAE(nn.Module):
+    def __init__(self, latent_dims: int = 2) -> None:
+        super().__init__()
+        self.encoder = TutorialEncoder(latent_dims)
+        self.decoder = TutorialDecoder(latent_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+    def to_vaelab(self) -> VAE:
+        """The same weights in vaelab's VAE (fused mu/logvar head), to evaluate them alike."""
+        vae = VAE(self.encoder.linear2.out_features, 512)
+        with torch.no_grad():
+            vae.enc_hidden.load_state_dict(self.encoder.linear1.state_dict())
+            vae.enc_head.weight.copy_(torch.cat([self.encoder.linear2.weight,
+                                                 self.encoder.linear3.weight]))  # fmt: skip
+            vae.enc_head.bias.copy_(
+                torch.cat([self.encoder.linear2.bias, self.encoder.linear3.bias])
+            )
+            vae.dec_hidden.load_state_dict(self.decoder.linear1.state_dict())
+            vae.dec_out.load_state_dict(self.decoder.linear2.state_dict())
+        return vae.to(self.encoder.linear1.weight.device)
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_reference(data_dir: Path, epochs: int, device: torch.device, seed: int) -> dict:
+    import torchvision
+    from torchvision import transforms
+
+    torch.manual_seed(seed)
+    mnist = torchvision.datasets.MNIST(
+        str(data_dir.parent), train=True, download=False, transform=transforms.ToTensor()
+    )
+    loader = torch.utils.data.DataLoader(mnist, batch_size=TUTORIAL_BATCH, shuffle=True)
+    model = TutorialVAE(2).to(device)
+    optimizer = torch.optim.Adam(model.parameters())
+    seconds, memory = [], []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        for x, _ in loader:
+            x = x.to(device)
+            optimizer.zero_grad()
+            x_hat = model(x)
+            loss = 0.5 * ((x - x_hat) ** 2).sum() + model.encoder.kl
+            loss.backward()
+            optimizer.step()
+        _sync(device)
+        seconds.append(time.perf_counter() - started)
+        memory.append(_memory_mb(device))
+    test_images, _ = load_split(data_dir, train=False)
+    noise = torch.Generator(device=device).manual_seed(seed)
+    test = dataset_elbo(model.to_vaelab(), test_images.to(device), "gaussian", noise)
+    return {"images": len(mnist), "seconds": seconds, "memory_mb": memory,
+            "test_neg_elbo": test["neg_elbo"], "eval_seconds": None}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- vaelab
+
+
+def run_vaelab(
+    data_dir: Path, epochs: int, batch_size: int, device: torch.device, seed: int, compile: bool
+) -> dict:
+    defaults = params_mod.defaults()
+    params = dataclasses.replace(
+        defaults,
+        # The tutorial's objective: beta = 1/64 whatever the batch size, so rows compare alike.
+        loss=dataclasses.replace(defaults.loss, beta=1 / TUTORIAL_BATCH),
+        train=dataclasses.replace(
+            defaults.train, epochs=epochs, batch_size=batch_size, seed=seed, compile=compile
+        ),  # fmt: skip
+    )
+    train_images, _ = load_split(data_dir, train=True)
+    test_images, _ = load_split(data_dir, train=False)
+    memory = []
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result
+        model, history = train_model(
+            params,
+            train_images,
+            test_images,
+            device,
+            lambda row: memory.append(_memory_mb(device)),
+        )
+    test_on_device = test_images.to(device)
+    noise = torch.Generator(device=device).manual_seed(seed)
+    _sync(device)
+    started = time.perf_counter()
+    test = dataset_elbo(model, test_on_device, "gaussian", noise)
+    _sync(device)
+    return {"images": len(train_images), "seconds": [r["epoch_seconds"] for r in history],
+            "memory_mb": memory, "test_neg_elbo": test["neg_elbo"],
+            "eval_seconds": time.perf_counter() - started}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+    return info
+
+
+def _worker(spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    data_dir = Path(spec["data_dir"])
+    if spec["loop"] == "reference":
+        return run_reference(data_dir, spec["epochs"], device, spec["seed"])
+    return run_vaelab(data_dir, spec["epochs"], spec["batch_size"], device, spec["seed"],
+                      spec["compile"])  # fmt: skip
+
+
+def _spawn(spec: dict) -> dict:
+    label = f"{spec['loop']} batch {spec['batch_size']}" + (" compiled" if spec["compile"] else "")
+    print(f"bench: running {label} ...", file=sys.stderr, flush=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "vaelab.bench", "--worker", json.dumps(spec)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise VaelabError(f"benchmark worker for {label} failed (exit {result.returncode})")
+    return spec | json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarise(run: dict, reference_rate: float | None) -> dict:
+    timed = run["seconds"][1:]  # without the warm-up epoch
+    seconds = statistics.median(timed)
+    rate = run["images"] / seconds
+    return {
+        "loop": run["loop"] + (" (compiled)" if run["compile"] else ""),
+        "batch": run["batch_size"],
+        "seconds_per_epoch": seconds,
+        "images_per_second": rate,
+        "ratio": rate / reference_rate if reference_rate else 1.0,
+        "memory_first_mb": run["memory_mb"][0],
+        "memory_peak_mb": max(run["memory_mb"]),
+        "memory_last_mb": run["memory_mb"][-1],
+        "eval_seconds": run["eval_seconds"],
+        "test_neg_elbo": run["test_neg_elbo"],
+        "epochs": len(run["seconds"]),
+    }
+
+
+def markdown(rows: list[dict], info: dict[str, str], device: torch.device) -> str:
+    memory = "GPU max allocated" if device.type == "cuda" else "RSS"
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+        f"GPU: {info['gpu']}; torch {info['torch']}, Python {info['python']}; device {device}.",
+        "",
+        f"| loop | batch | s/epoch | images/s | × reference | {memory} MB epoch 1 → last (peak)"
+        " | test pass s | test −ELBO* |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        eval_s = "–" if r["eval_seconds"] is None else f"{r['eval_seconds']:.3f}"
+        lines.append(
+            f"| {r['loop']} | {r['batch']} | {r['seconds_per_epoch']:.2f} | "
+            f"{r['images_per_second']:,.0f} | {r['ratio']:.2f} | {r['memory_first_mb']:,.0f} → "
+            f"{r['memory_last_mb']:,.0f} ({r['memory_peak_mb']:,.0f}) | {eval_s} | "
+            f"{r['test_neg_elbo']:.2f} |"
+        )
+    epochs = rows[0]["epochs"]
+    lines += [
+        "",
+        f"Median over epochs 2..{epochs} (epoch 1 is warm-up). *Test negative ELBO (Gaussian, "
+        f"nats/image, beta = 1) after {epochs} epochs of the tutorial's objective (beta = 1/64).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=TUTORIAL_BATCH,
+                        help="vaelab's batch for the head-to-head row")  # fmt: skip
+    parser.add_argument("--sweep", default="256,1024", help="more vaelab batch sizes")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compile", action="store_true", help="add a train.compile=true row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", type=Path, help="write the table here (+ .json beside it)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+    if args.data_dir is None:
+        parser.error("--data-dir is required")
+    if args.epochs < 2:
+        raise VaelabError("--epochs must be >= 2: the first epoch is warm-up and not timed.")
+    device = resolve_device(args.device)
+    load_split(args.data_dir, train=False)  # verify the data before spending minutes
+    base = {"data_dir": str(args.data_dir), "epochs": args.epochs, "device": str(device),
+            "seed": args.seed, "compile": False}  # fmt: skip
+    sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
+    specs = [base | {"loop": "reference", "batch_size": TUTORIAL_BATCH},
+             base | {"loop": "vaelab", "batch_size": args.batch_size}]  # fmt: skip
+    if args.compile:
+        specs.append(base | {"loop": "vaelab", "batch_size": args.batch_size, "compile": True})
+    specs += [base | {"loop": "vaelab", "batch_size": b} for b in sweep if b != args.batch_size]
+
+    runs = [_spawn(spec) for spec in specs]
+    reference_rate = summarise(runs[0], None)["images_per_second"]
+    rows = [summarise(run, reference_rate) for run in runs]
+    info = machine()
+    table = markdown(rows, info, device)
+    print(table)
+    if args.report:
+        header = "# Benchmark: the tutorial's training loop vs vaelab's\n\n"
+        atomic_write_bytes(args.report, (header + table).encode())
+        payload = {"machine": info, "device": str(device), "rows": rows}
+        atomic_write_bytes(args.report.with_suffix(".json"),
+                           (json.dumps(payload, indent=2) + "\n").encode())  # fmt: skip
+        print(f"bench: wrote {args.report} and {args.report.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,111 @@
+"""tracking.record on its own: when it completes, rebuilds or leaves a run alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vaelab import tracking
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A private SQLite store; DVC variables cleared as outside a DVC run."""
+    for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    monkeypatch.chdir(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store.db'}")
+
+
+def _outputs(tmp_path, params, checksums, run_id) -> tracking.PipelineOutputs:
+    folder = tmp_path / "outputs"
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    outputs = tracking.PipelineOutputs(
+        params_file=folder / "params.yaml", run_info=folder / "run.json",
+        checksums=folder / "checksums.json", history=folder / "history.csv",
+        metrics=folder / "metrics.json", figures=folder / "figures", model=folder / "vae.pt",
+    )  # fmt: skip
+    outputs.params_file.write_text("placeholder: the params object is passed directly\n")
+    outputs.run_info.write_text(json.dumps({"run_id": run_id}))
+    outputs.checksums.write_text(json.dumps(checksums))
+    outputs.metrics.write_text(json.dumps({"test": {"neg_elbo": 21.5}}))
+    (outputs.figures / "loss_curve.png").write_bytes(b"png one")
+    outputs.model.write_bytes(b"weights")
+    return outputs
+
+
+HISTORY = [{"epoch": 1, "train/loss": 3.0, "test/neg_elbo": 2.5}]
+CHECKSUMS = {"source": "custom", "files": {"a": {"md5": "0" * 32}}}
+
+
+def _train_run(params) -> str:
+    with tracking.training_run(params, CHECKSUMS, "cpu") as run:
+        run.log_epoch(HISTORY[0])
+    return run.run_id
+
+
+def test_record_completes_then_is_idempotent_then_sees_new_figures(store, tmp_path, tiny_params):
+    run_id = _train_run(tiny_params)
+    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
+    outputs.history.write_text("epoch\n1\n")
+    assert tracking.record(tiny_params, outputs, HISTORY) == run_id
+    finished = store.get_run(run_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.metrics["eval/test/neg_elbo"] == 21.5
+    assert tracking.record(tiny_params, outputs, HISTORY) == run_id  # nothing changed
+    # A re-drawn figure (plot code changed, same params) is a new result: a new, complete run.
+    (outputs.figures / "loss_curve.png").write_bytes(b"png two")
+    rebuilt = tracking.record(tiny_params, outputs, HISTORY)
+    assert rebuilt != run_id
+    assert store.get_run(rebuilt).data.tags[tracking.SOURCE_RUN_TAG] == run_id
+    assert store.get_run(rebuilt).info.status == "FINISHED"
+
+
+def test_a_failed_upload_leaves_no_fingerprint_and_the_next_record_finishes(
+    store, tmp_path, tiny_params, monkeypatch
+):
+    run_id = _train_run(tiny_params)
+    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
+    outputs.history.write_text("epoch\n1\n")
+    from mlflow.tracking import MlflowClient
+
+    original = MlflowClient.log_artifact
+
+    def broken(self, *args, **kwargs):
+        raise OSError("artifact store full")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", broken)
+    with pytest.raises(OSError):
+        tracking.record(tiny_params, outputs, HISTORY)
+    assert tracking.FINGERPRINT_TAG not in store.get_run(run_id).data.tags
+    monkeypatch.setattr(MlflowClient, "log_artifact", original)
+    assert tracking.record(tiny_params, outputs, HISTORY) == run_id
+    assert store.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_superseded_train_run_does_not_stay_running(store, tmp_path, tiny_params):
+    import dataclasses
+
+    run_id = _train_run(tiny_params)
+    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
+    outputs.history.write_text("epoch\n1\n")
+    # evaluate failed, then the user changed an evaluate param: the params no longer match.
+    changed = dataclasses.replace(tiny_params, evaluate=dataclasses.replace(tiny_params.evaluate,
+                                                                            seed=9))  # fmt: skip
+    rebuilt = tracking.record(changed, outputs, HISTORY)
+    assert rebuilt != run_id
+    old = store.get_run(run_id)
+    assert old.info.status == "KILLED" and old.data.tags["vaelab.superseded_by"] == rebuilt
+    assert store.get_run(rebuilt).data.params["evaluate.seed"] == "9"
+
+
+def test_training_run_is_failed_with_the_reason(store, tiny_params):
+    with pytest.raises(RuntimeError), tracking.training_run(tiny_params, CHECKSUMS, "cpu") as run:
+        raise RuntimeError("loss exploded")
+    failed = store.get_run(run.run_id)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["vaelab.error"] == "RuntimeError: loss exploded"
