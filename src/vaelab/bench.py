@@ -1,6 +1,6 @@
 """Benchmark: the course tutorial's training loop against vaelab's, same data, model and device.
 
-    python -m vaelab.bench --data-dir data/MNIST [--epochs 3] [--batch-size 64] [--device auto]
+    python -m vaelab.bench --data-dir data/MNIST [--epochs 4] [--batch-size 64] [--device auto]
         [--sweep 64,256,1024] [--compile] [--report reports/benchmark.md]
 
 Each configuration runs in a fresh subprocess (so peak memory is its own) and prints one JSON line.
@@ -264,7 +264,7 @@ def markdown(rows: list[dict], info: dict[str, str], device: torch.device) -> st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=TUTORIAL_BATCH,
                         help="vaelab's batch for the head-to-head row")  # fmt: skip
     parser.add_argument("--sweep", default="256,1024", help="more vaelab batch sizes")
