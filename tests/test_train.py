@@ -78,7 +78,7 @@ def test_stage_reports_user_errors_without_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "vaelab.train", "--params", str(bad), "--data-dir", str(tmp_path),
          "--model", str(tmp_path / "m.pt"), "--history", str(tmp_path / "h.csv"),
-         "--run-info", str(tmp_path / "r.json")],
+         "--run-info", str(tmp_path / "r.json"), "--checkpoint", str(tmp_path / "c.pt")],
         capture_output=True, text=True, cwd=tmp_path,
         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
     )  # fmt: skip

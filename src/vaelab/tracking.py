@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,24 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
 
 
+def _check_reachable(uri: str) -> None:
+    """Fail in seconds, before any training, when a tracking server does not answer (MLflow's
+    own client retries for minutes). Never fall back to another store silently."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=5).close()
+    except OSError as error:
+        raise VaelabError(
+            f"cannot reach the MLflow tracking server {uri} ({error}). Start it, fix "
+            "MLFLOW_TRACKING_URI, or unset it to use the project's own mlflow.db."
+        ) from None
+
+
 def connect(experiment: str):  # noqa: ANN201 - returns (MlflowClient, experiment id)
     """Open the store and get or create the experiment, under a file lock for SQLite stores:
     a brand-new SQLite store created by two processes at once breaks for good."""
@@ -74,6 +93,7 @@ def connect(experiment: str):  # noqa: ANN201 - returns (MlflowClient, experimen
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
+    _check_reachable(uri)
     db = _sqlite_path(uri)
     lock = FileLock(f"{db}.lock", timeout=300) if db else contextlib.nullcontext()
     try:
@@ -147,23 +167,59 @@ class TrainingRun:
         self.client.log_batch(self.run_id, metrics=_metric_batch(values, epoch))
 
 
+def _resumable(client, run_id: str | None, experiment_id: str):  # noqa: ANN001, ANN202
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - deleted, or another store: start a new run
+        return None
+    return run if run.info.experiment_id == experiment_id else None
+
+
 @contextlib.contextmanager
-def training_run(params: Params, checksums: dict, device: object) -> Iterator[TrainingRun]:
+def training_run(
+    params: Params,
+    checksums: dict,
+    device: object,
+    resume_run_id: str | None = None,
+    history: list[dict] = (),
+) -> Iterator[TrainingRun]:
     """Open the train stage's run with all params and tags; mark it FAILED on an exception
     (KILLED on Ctrl-C), with the reason as the ``vaelab.error`` tag.
 
-    On success it stays RUNNING: ``record`` finishes it once evaluate and plot have run.
+    With ``resume_run_id`` (training resumed from a checkpoint) the same run continues: it is
+    set RUNNING again and the epochs of ``history`` it lacks are logged, so no step is missing
+    or doubled. On success it stays RUNNING: ``record`` finishes it after evaluate and plot.
     """
     import torch
     from mlflow.entities import Param
 
     client, experiment_id = connect(params.mlflow.experiment)
-    tags = context_tags(checksums) | {"device": str(device), "torch.version": torch.__version__}
-    run_name = os.environ.get("DVC_EXP_NAME") or None
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    resumed = _resumable(client, resume_run_id, experiment_id)
+    if resumed is not None:
+        run_id = resumed.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        if "vaelab.error" in resumed.data.tags:
+            client.delete_tag(run_id, "vaelab.error")
+        client.set_tag(run_id, "vaelab.resumed_after_epoch", str(len(history)))
+    else:
+        tags = context_tags(checksums) | {
+            "device": str(device),
+            "torch.version": torch.__version__,
+        }
+        run_name = os.environ.get("DVC_EXP_NAME") or None
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     try:
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flatten(params).items()])
-        yield TrainingRun(client, run_id)
+        if resumed is None:
+            flat = flatten(params)
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()])
+        logged = {m.step for m in client.get_metric_history(run_id, "train/loss")}
+        run = TrainingRun(client, run_id)
+        for row in history:
+            if int(row["epoch"]) not in logged:
+                run.log_epoch(row)
+        yield run
     except BaseException as error:
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         client.set_tag(run_id, "vaelab.error", f"{type(error).__name__}: {error}"[:5000])

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,11 +83,17 @@ def train_model(
     test_images: torch.Tensor,
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] = lambda row: None,
+    resume: dict | None = None,
+    on_state: Callable[[dict], None] = lambda state: None,
 ) -> tuple[VAE, list[dict[str, float]]]:
     """Train on uint8 images (N, 28, 28); return the model and one history row per epoch.
 
     The whole data set stays on ``device`` as uint8; each batch is an index slice of a seeded
     permutation. Seeded runs on the CPU are bit-identical.
+
+    After each epoch ``on_state`` gets the training state (model, optimizer, history, every RNG
+    state) and then ``on_epoch`` the history row. Passing such a state as ``resume`` continues
+    after its epoch exactly as the uninterrupted run would have.
     """
     cfg = params.train
     n_images = len(train_images)
@@ -105,27 +112,41 @@ def train_model(
     train_images, test_images = train_images.to(device), test_images.to(device)
     n_batches = math.ceil(n_images / cfg.batch_size)
     history: list[dict[str, float]] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        history = list(resume["history"])
+        torch.set_rng_state(resume["rng_cpu"])
+        order.set_state(resume["rng_order"])
+        if device.type == "cuda" and resume.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(resume["rng_cuda"], device)
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
         model.train()
         started = time.perf_counter()
         permutation = torch.randperm(n_images, generator=order, device=device)
         # Sums over images of (loss, recon, kl), kept on the device: no host sync per step.
         sums = torch.zeros(3, device=device)
+        # The first step whose loss was not finite (-1: none), also tracked on the device.
+        first_bad_step = torch.tensor(-1, device=device)
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None, unit="batch")  # fmt: skip
         for step in bar:
             index = permutation[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = images_to_float(train_images[index])  # (B, 1, 28, 28) in [0, 1]
-            sums += train_step(x)
+            batch_sums = train_step(x)
+            sums += batch_sums
+            bad = (first_bad_step < 0) & ~torch.isfinite(batch_sums[0])
+            first_bad_step = torch.where(bad, step + 1, first_bad_step)
             if not bar.disable and step % 50 == 0:
                 bar.set_postfix(loss=f"{sums[0].item() / ((step + 1) * cfg.batch_size):.2f}")
         loss_sum, recon_sum, kl_sum = (sums / n_images).tolist()  # one host sync per epoch
         seconds = time.perf_counter() - started
-        if not all(math.isfinite(v) for v in (loss_sum, recon_sum, kl_sum)):
+        if (bad_step := int(first_bad_step)) > 0 or not math.isfinite(loss_sum):
             raise VaelabError(
-                f"the training loss became {loss_sum} in epoch {epoch}: training diverged. "
-                f"Lower train.lr (now {cfg.lr})."
+                f"the training loss became NaN or infinite at epoch {epoch}, step {bad_step} "
+                f"of {n_batches}: training diverged. The last good state (epoch {epoch - 1}) is "
+                f"kept. Lower train.lr (now {cfg.lr}) and run again."
             )
         # The test-set ELBO uses its own seeded noise so evaluating never shifts training's RNG.
         noise = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
@@ -143,6 +164,17 @@ def train_model(
             "images_per_second": n_images / seconds,
         }
         history.append(row)
+        on_state(
+            {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_order": order.get_state(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }
+        )
         print(
             f"epoch {epoch:3d}/{cfg.epochs}  train -ELBO {row['train/neg_elbo']:9.3f}  "
             f"test -ELBO {row['test/neg_elbo']:9.3f}  ({seconds:.1f} s, "
@@ -161,6 +193,55 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
+CHECKPOINT_VERSION = 1
+# The params sections the train stage reads: a checkpoint resumes only when these are unchanged.
+TRAIN_SECTIONS = ("data", "model", "loss", "train", "mlflow")
+
+
+def training_config(params: Params) -> dict[str, str]:
+    flat = params_mod.flatten(params)
+    return {k: str(v) for k, v in flat.items() if k.split(".")[0] in TRAIN_SECTIONS}
+
+
+def save_checkpoint(path: Path, state: dict, config: dict, data_md5: dict, run_id: str) -> None:
+    """Write the end-of-epoch state atomically (temp file + fsync + rename): a crash, kill -9 or
+    full disk while writing leaves the previous checkpoint intact."""
+    payload = state | {"version": CHECKPOINT_VERSION, "config": config, "data_md5": data_md5,
+                       "run_id": run_id}  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, config: dict, data_md5: dict) -> tuple[dict | None, str]:
+    """(state, "") to resume from; (None, why) to start fresh. A file that is not a checkpoint is
+    refused (``weights_only=True`` never runs code from it) and left alone for the user."""
+    if not path.exists():
+        return None, ""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"version {checkpoint.get('version')!r}, expected {CHECKPOINT_VERSION}"
+            )
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise VaelabError(
+            f"{path}: not a usable vaelab checkpoint ({type(error).__name__}: {reason[:200]}). "
+            "It was not loaded. Delete it to train from scratch."
+        ) from None
+    if checkpoint["config"] != config:
+        changed = [
+            f"{k}: {checkpoint['config'].get(k)} -> {config.get(k)}"
+            for k in sorted(set(config) | set(checkpoint["config"]))
+            if checkpoint["config"].get(k) != config.get(k)
+        ]
+        return None, f"the params changed since {path} was written ({'; '.join(changed)})"
+    if checkpoint["data_md5"] != data_md5:
+        return None, f"the data changed since {path} was written"
+    return checkpoint, ""
+
+
 def read_history(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
         return [
@@ -176,7 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--history", type=Path, required=True)
     parser.add_argument("--run-info", type=Path, required=True)
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="end-of-epoch state, for resuming"
+    )
     args = parser.parse_args(argv)
+    # `kill` / a scheduler's SIGTERM stops like Ctrl-C: the run is marked KILLED, state kept.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     params = params_mod.load(args.params)
     device = resolve_device(params.train.device)
@@ -185,19 +271,43 @@ def main(argv: list[str] | None = None) -> None:
     checksums = json.loads((args.data_dir / CHECKSUMS_FILE).read_text())
     print(f"train: {len(train_images)} images on {device}, {params.train.epochs} epochs")
 
-    history: list[dict[str, float]] = []
-    with tracking.training_run(params, checksums, device) as run:
+    config = training_config(params)
+    data_md5 = {name: entry["md5"] for name, entry in checksums["files"].items()}
+    resume, why_fresh = load_checkpoint(args.checkpoint, config, data_md5)
+    if resume:
+        print(f"train: resuming after epoch {resume['epoch']} from {args.checkpoint}")
+    elif why_fresh:
+        print(f"train: starting fresh: {why_fresh}")
+    history: list[dict[str, float]] = list(resume["history"]) if resume else []
+    resume_run = resume["run_id"] if resume else None
+    try:
+        with tracking.training_run(params, checksums, device, resume_run, history) as run:
 
-        def on_epoch(row: dict[str, float]) -> None:
-            history.append(row)
-            run.log_epoch(row)
-            write_history(args.history, history)
+            def on_state(state: dict) -> None:
+                save_checkpoint(args.checkpoint, state, config, data_md5, run.run_id)
 
-        model, _ = train_model(params, train_images, test_images, device, on_epoch)
-        save(model, args.model)
-        info = {"run_id": run.run_id, "experiment": params.mlflow.experiment}
-        atomic_write_bytes(args.run_info, (json.dumps(info, indent=2) + "\n").encode())
+            def on_epoch(row: dict[str, float]) -> None:
+                history.append(row)
+                write_history(args.history, history)
+                run.log_epoch(row)
+
+            model, _ = train_model(
+                params, train_images, test_images, device, on_epoch, resume, on_state
+            )
+            save(model, args.model)
+            info = {"run_id": run.run_id, "experiment": params.mlflow.experiment}
+            atomic_write_bytes(args.run_info, (json.dumps(info, indent=2) + "\n").encode())
+    except KeyboardInterrupt:
+        raise VaelabError(
+            f"interrupted after epoch {len(history)}; the MLflow run is marked KILLED. Run "
+            "`dvc repro` (or this command) again to resume from the last complete epoch."
+        ) from None
+    args.checkpoint.unlink(missing_ok=True)  # finished: the model and history hold everything
     print(f"train: model -> {args.model}, MLflow run {run.run_id}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -1,0 +1,227 @@
+"""Faults at run time: kill -9, Ctrl-C, divergence, an unreachable store, two writers, bad
+checkpoints. Each runs the real `python -m vaelab.train` in a subprocess on the fake MNIST."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import PROJECT, TINY, write_fake_mnist
+from vaelab.data import prepare_custom
+from vaelab.errors import VaelabError
+from vaelab.train import HISTORY_COLUMNS, read_history, train_model
+
+TIMING = {"epoch_seconds", "images_per_second"}
+
+
+def write_params(path: Path, **train) -> Path:
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        raw[section].update(values)
+    raw["train"].update(train)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def train_cmd(params: Path, data_dir: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "vaelab.train", "--params", str(params),
+            "--data-dir", str(data_dir), "--model", str(out / "vae.pt"),
+            "--history", str(out / "history.csv"), "--run-info", str(out / "run.json"),
+            "--checkpoint", str(out / "checkpoint.pt")]  # fmt: skip
+
+
+def env_for(store: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    return env | {"MLFLOW_TRACKING_URI": f"sqlite:///{store}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def client(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{store}")
+
+
+def wait_for_epoch(checkpoint: Path, epoch: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert process.poll() is None, "training ended before it could be interrupted"
+        if checkpoint.exists():
+            try:
+                if torch.load(checkpoint, weights_only=True)["epoch"] >= epoch:
+                    return
+            except (RuntimeError, EOFError, OSError):
+                pass  # never half-written (atomic), but it may vanish between calls
+        time.sleep(0.02)
+    pytest.fail("no checkpoint appeared")
+
+
+def assert_steps_once(store: Path, run_id: str, epochs: int) -> None:
+    for key in (c for c in HISTORY_COLUMNS if c != "epoch"):
+        steps = [m.step for m in client(store).get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Fake data, params and a reference run of 20 epochs with nothing going wrong."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    write_fake_mnist(folder / "custom")
+    data_dir = folder / "MNIST"
+    prepare_custom(data_dir, folder / "custom", log=lambda message: None)
+    params = write_params(folder / "params.yaml", epochs=20)
+    out = folder / "reference"
+    out.mkdir()
+    subprocess.run(train_cmd(params, data_dir, out), env=env_for(folder / "ref.db"),
+                   check=True, capture_output=True)  # fmt: skip
+    return data_dir, params, out
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGTERM"])
+def test_resume_after_interruption_is_bit_identical(tmp_path, uninterrupted, how):
+    data_dir, params, reference = uninterrupted
+    out, store = tmp_path / "interrupted", tmp_path / "store.db"
+    out.mkdir()
+    process = subprocess.Popen(
+        train_cmd(params, data_dir, out), env=env_for(store),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for_epoch(out / "checkpoint.pt", 3, process)
+    process.send_signal(getattr(signal, how))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert (out / "checkpoint.pt").exists() and not (out / "vae.pt").exists()
+    (run,) = client(store).search_runs(["1"])
+    if how != "SIGKILL":  # a signal it can catch: a clean stop, one line saying how to resume
+        assert process.returncode == 2
+        assert stderr.strip().splitlines()[-1].startswith("error: interrupted after epoch")
+        assert "resume" in stderr.splitlines()[-1]
+        assert "Traceback" not in stderr
+        assert run.info.status == "KILLED"
+
+    resumed = subprocess.run(train_cmd(params, data_dir, out), env=env_for(store),
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "train: resuming after epoch" in resumed.stdout
+    assert not (out / "checkpoint.pt").exists()
+    expected = torch.load(reference / "vae.pt", weights_only=True)["state_dict"]
+    got = torch.load(out / "vae.pt", weights_only=True)["state_dict"]
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    strip = [
+        {k: v for k, v in r.items() if k not in TIMING} for r in read_history(out / "history.csv")
+    ]
+    assert strip == [
+        {k: v for k, v in r.items() if k not in TIMING}
+        for r in read_history(reference / "history.csv")
+    ]
+    (again,) = client(store).search_runs(["1"])  # the same run continued, no new one
+    assert again.info.run_id == run.info.run_id
+    assert_steps_once(store, run.info.run_id, 20)
+
+
+def test_changed_params_start_fresh_saying_why(tmp_path, fake_data_dir):
+    params = write_params(tmp_path / "params.yaml", epochs=25)
+    out, store = tmp_path / "out", tmp_path / "store.db"
+    out.mkdir()
+    process = subprocess.Popen(train_cmd(params, fake_data_dir, out), env=env_for(store),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_for_epoch(out / "checkpoint.pt", 2, process)
+    process.kill()
+    process.wait()
+    write_params(params, epochs=3, lr=0.002)
+    result = subprocess.run(train_cmd(params, fake_data_dir, out), env=env_for(store),
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    assert "starting fresh: the params changed" in result.stdout
+    assert "train.lr: 0.001 -> 0.002" in result.stdout
+    assert len(read_history(out / "history.csv")) == 3
+
+
+def test_a_checkpoint_that_is_not_tensors_is_refused_and_kept(tmp_path, fake_data_dir):
+    out, store = tmp_path / "out", tmp_path / "store.db"
+    out.mkdir()
+    marker = tmp_path / "code-ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    torch.save({"version": 1, "payload": Exploit()}, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    result = subprocess.run(train_cmd(write_params(tmp_path / "p.yaml"), fake_data_dir, out),
+                            env=env_for(store), capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert "not a usable vaelab checkpoint" in result.stderr and "Delete it" in result.stderr
+    assert not marker.exists()
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not (out / "vae.pt").exists()
+
+
+def test_divergence_stops_naming_epoch_and_step(tmp_path, fake_data_dir, tiny_params):
+    from vaelab.data import load_split
+
+    huge = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, lr=1e30))
+    train_x, _ = load_split(fake_data_dir, train=True)
+    test_x, _ = load_split(fake_data_dir, train=False)
+    states = []
+    with pytest.raises(VaelabError, match=r"NaN or infinite at epoch 1, step \d+ of 10"):
+        train_model(huge, train_x, test_x, torch.device("cpu"), on_state=states.append)
+    assert states == [], "no state of the diverged epoch is handed out to be saved"
+
+
+def test_divergence_marks_the_run_failed_with_the_reason(tmp_path, fake_data_dir):
+    out, store = tmp_path / "out", tmp_path / "store.db"
+    out.mkdir()
+    params = write_params(tmp_path / "params.yaml", lr=1e30)
+    result = subprocess.run(train_cmd(params, fake_data_dir, out), env=env_for(store),
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (run,) = client(store).search_runs(["1"])
+    assert run.info.status == "FAILED"
+    assert "NaN or infinite at epoch 1" in run.data.tags["vaelab.error"]
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(tmp_path, fake_data_dir):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = env_for(tmp_path / "unused.db") | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    started = time.time()
+    result = subprocess.run(train_cmd(write_params(tmp_path / "p.yaml"), fake_data_dir, out),
+                            env=env, capture_output=True, text=True)  # fmt: skip
+    assert time.time() - started < 30
+    assert result.returncode == 2
+    assert f"cannot reach the MLflow tracking server http://127.0.0.1:{port}" in result.stderr
+    assert "epoch" not in result.stdout.replace("epochs", "")
+    assert not (out / "vae.pt").exists() and not (tmp_path / "unused.db").exists()
+
+
+def test_two_trainings_at_once_on_a_fresh_store_both_complete(tmp_path, fake_data_dir):
+    store = tmp_path / "shared.db"
+    processes = []
+    for seed in (1, 2):
+        out = tmp_path / f"out{seed}"
+        out.mkdir()
+        params = write_params(tmp_path / f"params{seed}.yaml", seed=seed, epochs=3)
+        processes.append(subprocess.Popen(train_cmd(params, fake_data_dir, out),
+                                          env=env_for(store), stderr=subprocess.PIPE,
+                                          stdout=subprocess.DEVNULL, text=True))  # fmt: skip
+    for process in processes:
+        _, stderr = process.communicate(timeout=240)
+        assert process.returncode == 0, stderr
+    runs = client(store).search_runs(["1"])
+    assert sorted(r.data.params["train.seed"] for r in runs) == ["1", "2"]
+    for run in runs:
+        assert_steps_once(store, run.info.run_id, 3)
