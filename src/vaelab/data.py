@@ -352,7 +352,7 @@ def load_split(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]
             f"{checksums_path}: unreadable ({type(error).__name__}); run the prepare stage "
             "(`dvc repro prepare`) to fetch and verify the data."
         ) from None
-    fix = f"Delete it and run `dvc repro prepare` to fetch and verify {data_dir} again."
+    fix = f"Run `dvc repro prepare` to fetch and verify {data_dir} again."
     names = TRAIN_FILES if train else TEST_FILES
     arrays = []
     for name in names:

@@ -116,14 +116,14 @@ def _suggest(key: str, choices: typing.Iterable[str]) -> str:
 def _check_type(path: Path, key: str, value: Any, annotation: Any) -> Any:
     """Return ``value`` converted to ``annotation`` (int -> float, list -> tuple) or raise."""
 
-    def fail(expected: str) -> typing.NoReturn:
-        raise VaelabError(f"{path}: '{key}' is {value!r}; expected {expected}.")
+    def fail(expected: str, hint: str = "") -> typing.NoReturn:
+        raise VaelabError(f"{path}: '{key}' is {value!r}; expected {expected}.{hint}")
 
     origin = typing.get_origin(annotation)
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
-            fail("one of " + ", ".join(repr(a) for a in allowed) + _suggest(str(value), allowed))
+            fail("one of " + ", ".join(repr(a) for a in allowed), _suggest(str(value), allowed))
         return value
     if annotation is bool:
         if not isinstance(value, bool):

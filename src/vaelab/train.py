@@ -77,6 +77,14 @@ def make_train_step(
     return torch.compile(step, mode="reduce-overhead" if on_cuda else None, dynamic=False)
 
 
+def check_batch_size(batch_size: int, n_images: int) -> None:
+    if batch_size > n_images:
+        raise VaelabError(
+            f"params.yaml: 'train.batch_size' is {batch_size}, larger than the training set "
+            f"({n_images} images). Choose a batch size <= {n_images}."
+        )
+
+
 def train_model(
     params: Params,
     train_images: torch.Tensor,
@@ -97,11 +105,7 @@ def train_model(
     """
     cfg = params.train
     n_images = len(train_images)
-    if cfg.batch_size > n_images:
-        raise VaelabError(
-            f"params.yaml: 'train.batch_size' is {cfg.batch_size}, larger than the training set "
-            f"({n_images} images). Choose a batch size <= {n_images}."
-        )
+    check_batch_size(cfg.batch_size, n_images)
     torch.manual_seed(cfg.seed)  # initial weights and the reparameterisation noise
     order = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order, its own stream
     model = VAE(params.model.latent_dims, params.model.hidden_dims).to(device)
@@ -145,8 +149,9 @@ def train_model(
         if (bad_step := int(first_bad_step)) > 0 or not math.isfinite(loss_sum):
             raise VaelabError(
                 f"the training loss became NaN or infinite at epoch {epoch}, step {bad_step} "
-                f"of {n_batches}: training diverged. The last good state (epoch {epoch - 1}) is "
-                f"kept. Lower train.lr (now {cfg.lr}) and run again."
+                f"of {n_batches}: training diverged. "
+                + (f"The checkpoint of epoch {epoch - 1} is kept. " if epoch > 1 else "")
+                + f"Lower train.lr (now {cfg.lr}) and run again."
             )
         # The test-set ELBO uses its own seeded noise so evaluating never shifts training's RNG.
         noise = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
@@ -268,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(params.train.device)
     train_images, _ = load_split(args.data_dir, train=True)
     test_images, _ = load_split(args.data_dir, train=False)
+    check_batch_size(params.train.batch_size, len(train_images))  # before touching the store
     checksums = json.loads((args.data_dir / CHECKSUMS_FILE).read_text())
     print(f"train: {len(train_images)} images on {device}, {params.train.epochs} epochs")
 
