@@ -74,6 +74,7 @@ TINY = {
     "data": {"source": "custom"},
     "model": {"hidden_dims": 64},
     "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
+    "evaluate": {"iw_samples": 8},
     "plot": {"grid_size": 4, "line_count": 4, "recon_count": 4},
 }
 

@@ -32,7 +32,9 @@ from vaelab.train import HISTORY_COLUMNS
 EXPERIMENT = "vaelab"
 PER_EPOCH = [c for c in HISTORY_COLUMNS if c != "epoch"]
 EVAL_METRICS = ["eval/test/neg_elbo", "eval/test/recon", "eval/test/kl",
-                "eval/train/neg_elbo", "eval/train_last_epoch/neg_elbo"]  # fmt: skip
+                "eval/train/neg_elbo", "eval/train_last_epoch/neg_elbo", "eval/test_iw/nll",
+                "eval/test_iw/nll_stderr", "eval/latent/active_units",
+                "eval/latent/probe_accuracy", "eval/test_per_digit/0"]  # fmt: skip
 
 
 def _env(repo: Path) -> dict[str, str]:

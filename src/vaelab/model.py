@@ -9,6 +9,7 @@ Kingma & Welling (2014), eq. 3 / eq. 10, with the closed-form Gaussian KL of the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,29 @@ def images_to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def per_image_terms(
+    model: VAE,
+    images: torch.Tensor,
+    likelihood: str,
+    generator: torch.Generator | None = None,
+    batch_size: int = 2048,
+) -> ElboTerms:
+    """Recon and KL of every image of ``images`` (uint8, (N, 28, 28)), each (N,), in nats.
+
+    One posterior sample per image; ``batch_size`` only bounds memory.
+    """
+    was_training = model.training
+    model.eval()
+    recon, kl = [], []
+    for start in range(0, len(images), batch_size):
+        x = images_to_float(images[start : start + batch_size])
+        terms = elbo_terms(x, *model(x, generator), likelihood)
+        recon.append(terms.recon)
+        kl.append(terms.kl)
+    model.train(was_training)
+    return ElboTerms(torch.cat(recon), torch.cat(kl))
+
+
 def dataset_elbo(
     model: VAE,
     images: torch.Tensor,
@@ -124,20 +148,60 @@ def dataset_elbo(
     generator: torch.Generator | None = None,
     batch_size: int = 2048,
 ) -> dict[str, float]:
-    """Mean negative ELBO, recon and KL over ``images`` (uint8, (N, 28, 28)) in nats per image.
-
-    One posterior sample per image; ``batch_size`` only bounds memory (sums are per image).
-    """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=images.device)
-    for start in range(0, len(images), batch_size):
-        x = images_to_float(images[start : start + batch_size])
-        terms = elbo_terms(x, *model(x, generator), likelihood)
-        sums += torch.stack([terms.recon.sum(), terms.kl.sum()]).double()
-    model.train(was_training)
-    recon, kl = (sums / len(images)).tolist()  # one host sync for the whole pass
+    """Mean negative ELBO, recon and KL over ``images`` in nats per image (one host sync)."""
+    terms = per_image_terms(model, images, likelihood, generator, batch_size)
+    recon, kl = torch.stack([terms.recon.double().mean(), terms.kl.double().mean()]).tolist()
     return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))) summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)
+
+
+def importance_weighted_log_px(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    log_px_given_z: Callable[[torch.Tensor], torch.Tensor],
+    samples: int,
+    generator: torch.Generator | None = None,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """Importance-weighted estimate of log p(x) per image, (B,), with q(z|x) = N(mu, exp(logvar))
+    as the proposal (Burda, Grosse & Salakhutdinov 2016, eq. 8):
+
+        log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K.
+
+    ``log_px_given_z`` maps z (S, B, latent) to log p(x|z) (S, B). Samples are drawn ``chunk`` at
+    a time and combined with a running logsumexp, so memory does not grow with K.
+    """
+    running = torch.full(mu.shape[:1], -math.inf, device=mu.device, dtype=torch.float64)
+    std = (0.5 * logvar).exp()
+    for start in range(0, samples, chunk):
+        count = min(chunk, samples - start)
+        eps = torch.randn((count, *mu.shape), generator=generator, device=mu.device,
+                          dtype=mu.dtype)  # fmt: skip
+        z = mu + std * eps  # (S, B, latent)
+        prior = -0.5 * (math.log(2 * math.pi) + z.pow(2)).sum(-1)  # log N(z; 0, I), (S, B)
+        log_w = log_px_given_z(z) + prior - log_normal(z, mu, logvar)  # (S, B)
+        running = torch.logaddexp(running, torch.logsumexp(log_w.double(), dim=0))
+    return running - math.log(samples)
+
+
+def log_px_given_z_fn(
+    model: VAE, x: torch.Tensor, likelihood: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """z (S, B, latent) -> log p(x|z) (S, B) in nats, the Gaussian with its constant included."""
+    constant = PIXELS * GAUSSIAN_CONST_PER_PIXEL if likelihood == "gaussian" else 0.0
+
+    def log_px_given_z(z: torch.Tensor) -> torch.Tensor:
+        samples, batch = z.shape[:2]
+        logits = model.decode(z.reshape(samples * batch, -1))  # (S*B, 1, 28, 28)
+        targets = x.expand(samples, *x.shape).reshape(samples * batch, *x.shape[1:])
+        nll = reconstruction_nll(targets, logits, likelihood) + constant
+        return -nll.view(samples, batch)
+
+    return log_px_given_z
 
 
 def save(model: VAE, path: Path) -> None:

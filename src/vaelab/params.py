@@ -58,8 +58,10 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    # Seeds the posterior samples of the test-set ELBO estimate.
+    # Seeds the posterior samples of the ELBO and importance-weighted estimates.
     seed: int = 0
+    # K of the importance-weighted NLL (Burda et al. 2016 use 5000; cost grows linearly with K).
+    iw_samples: int = 1000
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.lr": (lambda v: v > 0, "a number > 0"),
     "train.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
     "evaluate.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
+    "evaluate.iw_samples": (lambda v: v >= 1, "an integer >= 1"),
     "plot.line_count": (lambda v: v >= 2, "an integer >= 2"),
     "plot.grid_size": (lambda v: 2 <= v <= 100, "an integer between 2 and 100"),
     "plot.recon_count": (lambda v: 1 <= v <= 100, "an integer between 1 and 100"),
