@@ -109,7 +109,7 @@ def workspace(tmp_path, fake_data_dir, fake_mnist, monkeypatch):
 
 def _snapshot(ws: Path) -> dict[str, bytes]:
     files = [*(ws / "out").iterdir(), *(ws / "MNIST").rglob("*")]
-    return {str(p): p.read_bytes() for p in files if p.is_file() and "raw" not in p.parts}
+    return {str(p): p.read_bytes() for p in files if p.is_file()}
 
 
 @pytest.mark.parametrize(("setup", "stage", "fragments"), [r[1:] for r in ROWS],

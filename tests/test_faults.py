@@ -4,6 +4,7 @@ checkpoints. Each runs the real `python -m vaelab.train` in a subprocess on the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from tests.conftest import PROJECT, TINY, write_fake_mnist
+from vaelab import params as params_mod
 from vaelab.data import prepare_custom
 from vaelab.errors import VaelabError
 from vaelab.train import HISTORY_COLUMNS, read_history, train_model
@@ -172,7 +174,7 @@ def test_divergence_stops_naming_epoch_and_step(tmp_path, fake_data_dir, tiny_pa
     train_x, _ = load_split(fake_data_dir, train=True)
     test_x, _ = load_split(fake_data_dir, train=False)
     states = []
-    with pytest.raises(VaelabError, match=r"NaN or infinite at epoch 1, step \d+ of 10"):
+    with pytest.raises(VaelabError, match=r"NaN or infinite at epoch 1, step 2 of 10: "):
         train_model(huge, train_x, test_x, torch.device("cpu"), on_state=states.append)
     assert states == [], "no state of the diverged epoch is handed out to be saved"
 
@@ -225,3 +227,49 @@ def test_two_trainings_at_once_on_a_fresh_store_both_complete(tmp_path, fake_dat
     assert sorted(r.data.params["train.seed"] for r in runs) == ["1", "2"]
     for run in runs:
         assert_steps_once(store, run.info.run_id, 3)
+
+
+def test_a_checkpoint_of_the_last_epoch_finishes_the_stage(tmp_path, fake_data_dir, tiny_params):
+    """Killed after the final checkpoint, before exiting: DVC has deleted the history; the
+    rerun has no epoch left to train and must still write every output."""
+    from vaelab.data import load_split
+    from vaelab.train import save_checkpoint, training_config
+
+    out, store = tmp_path / "out", tmp_path / "store.db"
+    out.mkdir()
+    params_file = write_params(tmp_path / "params.yaml")
+    params = params_mod.load(params_file)
+    config = training_config(params, torch.device("cpu"))
+    md5 = json.loads((fake_data_dir / "checksums.json").read_text())["files"]
+    data_md5 = {name: entry["md5"] for name, entry in md5.items()}
+    train_x, _ = load_split(fake_data_dir, train=True)
+    test_x, _ = load_split(fake_data_dir, train=False)
+
+    def keep(state):
+        save_checkpoint(out / "checkpoint.pt", state, config, data_md5, "run-deleted-since")
+
+    model, history = train_model(params, train_x, test_x, torch.device("cpu"), on_state=keep)
+    result = subprocess.run(train_cmd(params_file, fake_data_dir, out), env=env_for(store),
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch 2" in result.stdout
+    assert len(read_history(out / "history.csv")) == 2
+    saved = torch.load(out / "vae.pt", weights_only=True)["state_dict"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    (run,) = client(store).search_runs(["1"])  # its old run is gone: a new one with all epochs
+    assert_steps_once(store, run.info.run_id, 2)
+
+
+def test_a_checkpoint_from_another_device_or_code_is_not_resumed(tmp_path, tiny_params):
+    from vaelab.train import load_checkpoint, save_checkpoint, training_config
+
+    config = training_config(tiny_params, torch.device("cpu"))
+    state = {"epoch": 1, "history": []}
+    save_checkpoint(tmp_path / "c.pt", state, config, {"a": "1"}, "run")
+    assert load_checkpoint(tmp_path / "c.pt", config, {"a": "1"})[0]["epoch"] == 1
+    cuda = config | {"device": "cuda"}
+    assert "device: cpu -> cuda" in load_checkpoint(tmp_path / "c.pt", cuda, {"a": "1"})[1]
+    edited = config | {"code.model.py": "0" * 32}
+    assert "code.model.py" in load_checkpoint(tmp_path / "c.pt", edited, {"a": "1"})[1]
+    assert "the data changed" in load_checkpoint(tmp_path / "c.pt", config, {"a": "2"})[1]

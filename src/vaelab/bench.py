@@ -93,8 +93,11 @@ class TutorialVAE(nn.Module):
 
 
 def _memory_mb(device: torch.device) -> float:
+    """RSS on the CPU; on CUDA the peak allocated since the last call (then reset)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
@@ -113,6 +116,10 @@ def run_reference(data_dir: Path, epochs: int, device: torch.device, seed: int) 
     mnist = torchvision.datasets.MNIST(
         str(data_dir.parent), train=True, download=False, transform=transforms.ToTensor()
     )
+    train_images, _ = load_split(data_dir, train=True)  # verified; the reference must read these
+    if not torch.equal(mnist.data, train_images):
+        raise VaelabError(f"torchvision read other images than {data_dir / 'raw'} holds; remove "
+                          f"{data_dir / 'processed'} if it exists.")  # fmt: skip
     loader = torch.utils.data.DataLoader(mnist, batch_size=TUTORIAL_BATCH, shuffle=True)
     model = TutorialVAE(2).to(device)
     optimizer = torch.optim.Adam(model.parameters())
@@ -235,7 +242,7 @@ def summarise(run: dict, reference_rate: float | None) -> dict:
 
 
 def markdown(rows: list[dict], info: dict[str, str], device: torch.device) -> str:
-    memory = "GPU max allocated" if device.type == "cuda" else "RSS"
+    memory = "GPU peak allocated per epoch" if device.type == "cuda" else "RSS"
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
         f"GPU: {info['gpu']}; torch {info['torch']}, Python {info['python']}; device {device}.",

@@ -174,7 +174,8 @@ def _resumable(client, run_id: str | None, experiment_id: str):  # noqa: ANN001,
         run = client.get_run(run_id)
     except Exception:  # noqa: BLE001 - deleted, or another store: start a new run
         return None
-    return run if run.info.experiment_id == experiment_id else None
+    usable = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
+    return run if usable else None
 
 
 @contextlib.contextmanager

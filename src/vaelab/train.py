@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
@@ -74,7 +75,17 @@ def make_train_step(
         return step
     on_cuda = next(model.parameters()).is_cuda
     # dynamic=False: two static shapes (full batches and the last, smaller one) compile once each.
-    return torch.compile(step, mode="reduce-overhead" if on_cuda else None, dynamic=False)
+    compiled = torch.compile(step, mode="reduce-overhead" if on_cuda else None, dynamic=False)
+    if not on_cuda:
+        return compiled
+
+    def graphed_step(x: torch.Tensor) -> torch.Tensor:
+        # Each call is a new iteration: CUDA graphs may reuse the previous output's memory (the
+        # caller has already added it to its sums).
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x)
+
+    return graphed_step
 
 
 def check_batch_size(batch_size: int, n_images: int) -> None:
@@ -93,6 +104,7 @@ def train_model(
     on_epoch: Callable[[dict[str, float]], None] = lambda row: None,
     resume: dict | None = None,
     on_state: Callable[[dict], None] = lambda state: None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> tuple[VAE, list[dict[str, float]]]:
     """Train on uint8 images (N, 28, 28); return the model and one history row per epoch.
 
@@ -101,7 +113,8 @@ def train_model(
 
     After each epoch ``on_state`` gets the training state (model, optimizer, history, every RNG
     state) and then ``on_epoch`` the history row. Passing such a state as ``resume`` continues
-    after its epoch exactly as the uninterrupted run would have.
+    after its epoch exactly as the uninterrupted run would have. ``stop_requested`` is polled
+    before every step; when it says so, training raises KeyboardInterrupt between two steps.
     """
     cfg = params.train
     n_images = len(train_images)
@@ -136,6 +149,8 @@ def train_model(
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None, unit="batch")  # fmt: skip
         for step in bar:
+            if stop_requested():
+                raise KeyboardInterrupt
             index = permutation[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = images_to_float(train_images[index])  # (B, 1, 28, 28) in [0, 1]
             batch_sums = train_step(x)
@@ -203,9 +218,17 @@ CHECKPOINT_VERSION = 1
 TRAIN_SECTIONS = ("data", "model", "loss", "train", "mlflow")
 
 
-def training_config(params: Params) -> dict[str, str]:
+def training_config(params: Params, device: torch.device) -> dict[str, str]:
+    """What a checkpoint must match to be resumed from: the params train reads, the training
+    code (a fixed loss must not continue old weights), torch and the device type (RNG states
+    differ between CPU and CUDA)."""
+    from vaelab import model as model_module
+
     flat = params_mod.flatten(params)
-    return {k: str(v) for k, v in flat.items() if k.split(".")[0] in TRAIN_SECTIONS}
+    config = {k: str(v) for k, v in flat.items() if k.split(".")[0] in TRAIN_SECTIONS}
+    for module in (__file__, model_module.__file__):
+        config[f"code.{Path(module).name}"] = hashlib.md5(Path(module).read_bytes()).hexdigest()
+    return config | {"torch": str(torch.__version__), "device": device.type}
 
 
 def save_checkpoint(path: Path, state: dict, config: dict, data_md5: dict, run_id: str) -> None:
@@ -266,8 +289,12 @@ def main(argv: list[str] | None = None) -> None:
         "--checkpoint", type=Path, required=True, help="end-of-epoch state, for resuming"
     )
     args = parser.parse_args(argv)
-    # `kill` / a scheduler's SIGTERM stops like Ctrl-C: the run is marked KILLED, state kept.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM only raise a flag that the loop reads between two steps: an exception
+    # raised at an arbitrary point could land inside MLflow's or SQLite's code and be swallowed
+    # there. A second signal stops at once.
+    stop = StopFlag()
+    signal.signal(signal.SIGINT, stop.request)
+    signal.signal(signal.SIGTERM, stop.request)
 
     params = params_mod.load(args.params)
     device = resolve_device(params.train.device)
@@ -277,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     checksums = json.loads((args.data_dir / CHECKSUMS_FILE).read_text())
     print(f"train: {len(train_images)} images on {device}, {params.train.epochs} epochs")
 
-    config = training_config(params)
+    config = training_config(params, device)
     data_md5 = {name: entry["md5"] for name, entry in checksums["files"].items()}
     resume, why_fresh = load_checkpoint(args.checkpoint, config, data_md5)
     if resume:
@@ -298,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
                 run.log_epoch(row)
 
             model, _ = train_model(
-                params, train_images, test_images, device, on_epoch, resume, on_state
+                params, train_images, test_images, device, on_epoch, resume, on_state, stop.is_set
             )
+            write_history(args.history, history)  # also when a resume had no epoch left to run
             save(model, args.model)
             info = {"run_id": run.run_id, "experiment": params.mlflow.experiment}
             atomic_write_bytes(args.run_info, (json.dumps(info, indent=2) + "\n").encode())
@@ -312,8 +340,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train: model -> {args.model}, MLflow run {run.run_id}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class StopFlag:
+    """A signal handler that records the request; the default action returns for a second one."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def request(self, signum: int, frame: object) -> None:
+        self.signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def is_set(self) -> bool:
+        return self.signal is not None
 
 
 if __name__ == "__main__":
