@@ -77,6 +77,8 @@ ROWS = [
     ("latent_dims 0", _set("model", "latent_dims", 0), "train",
      ["'model.latent_dims' is 0", ">= 2"]),
     ("beta < 0", _set("loss", "beta", -1), "train", ["'loss.beta' is -1", ">= 0"]),
+    ("iw_samples 0", _set("evaluate", "iw_samples", 0), "train",
+     ["'evaluate.iw_samples' is 0", ">= 1"]),
     ("unknown likelihood", _set("loss", "likelihood", "poisson"), "train",
      ["'loss.likelihood' is 'poisson'", "'gaussian', 'bernoulli'"]),
     ("unknown device", _set("train", "device", "tpu"), "train",
