@@ -49,6 +49,8 @@ BAD = [
     ("train", "lr", float("inf"), ["'train.lr'", "a finite number"]),
     ("train", "seed", 2**40, ["'train.seed'", "2**32 - 1"]),
     ("train", "batch_size", 0, ["'train.batch_size'", ">= 1"]),
+    ("train", "kl_warmup_epochs", -1, ["'train.kl_warmup_epochs'", ">= 0 (0 = off)"]),
+    ("data", "binarize", "always", ["'data.binarize'", "'none', 'dynamic', 'static'"]),
     ("model", "latent_dims", 0, ["'model.latent_dims'", ">= 2"]),
     ("loss", "beta", -1, ["'loss.beta'", ">= 0"]),
     ("loss", "likelihood", "gausian", ["'loss.likelihood'", "Did you mean 'gaussian'"]),
@@ -83,6 +85,15 @@ def test_missing_key_and_unknown_section(tmp_path):
     raw["trian"] = {}
     with pytest.raises(VaelabError, match="unknown section 'trian'. Did you mean 'train'"):
         params_mod.parse(raw, tmp_path / "p.yaml")
+
+
+def test_binarized_data_needs_the_bernoulli_likelihood(tmp_path):
+    raw = _raw()
+    raw["data"]["binarize"] = "dynamic"
+    with pytest.raises(VaelabError, match="'data.binarize' is 'dynamic' but 'loss.likelihood' is"):
+        params_mod.parse(raw, tmp_path / "p.yaml")
+    raw["loss"]["likelihood"] = "bernoulli"
+    assert params_mod.parse(raw, tmp_path / "p.yaml").data.binarize == "dynamic"
 
 
 def test_malformed_yaml_names_the_line(tmp_path):

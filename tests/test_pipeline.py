@@ -186,6 +186,18 @@ def test_exp_run_of_params_seen_before_gives_a_complete_run_named_after_it(repo)
     assert_complete(repo, new[0], repo / "params.yaml")
 
 
+def test_bernoulli_with_dynamic_binarization_end_to_end(repo):
+    count = len(runs(repo))
+    run(repo, "dvc", "exp", "run", "-n", "bernoulli", "-S", "loss.likelihood=bernoulli",
+        "-S", "data.binarize=dynamic", "-S", "train.kl_warmup_epochs=1")  # fmt: skip
+    (new,) = runs(repo)[count:]
+    assert new.info.run_name == "bernoulli"
+    assert new.data.params["data.binarize"] == "dynamic"
+    assert_complete(repo, new, repo / "params.yaml")
+    # Bernoulli NLL of binary images: positive nats, the IW bound below the negative ELBO.
+    assert 0 < new.data.metrics["eval/test_iw/nll"] <= new.data.metrics["eval/test_iw/neg_elbo"]
+
+
 def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
     repo = make_repo(tmp_path / "queue")
     for seed in (1, 2):

@@ -13,7 +13,7 @@ import torch
 
 from vaelab.data import load_split
 from vaelab.errors import VaelabError
-from vaelab.train import HISTORY_COLUMNS, resolve_device, train_model
+from vaelab.train import HISTORY_COLUMNS, kl_weights, resolve_device, train_model
 
 TIMING = {"epoch_seconds", "images_per_second"}
 
@@ -123,3 +123,60 @@ def test_benchmark_smoke(fake_data_dir, tmp_path):
     for row in payload["rows"]:
         assert row["images_per_second"] > 0 and row["epochs"] == 2
         assert row["test_neg_elbo"] > 0
+
+
+def test_kl_warmup_weights_rise_linearly_step_by_step():
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(kl_weights(0.5, 0, 3, 4, cpu), torch.full((4,), 0.5))
+    torch.testing.assert_close(
+        kl_weights(1.0, 2, 1, 4, cpu), torch.tensor([0.125, 0.25, 0.375, 0.5])
+    )
+    torch.testing.assert_close(
+        kl_weights(1.0, 2, 2, 4, cpu), torch.tensor([0.625, 0.75, 0.875, 1.0])
+    )
+    torch.testing.assert_close(kl_weights(2.0, 2, 3, 4, cpu), torch.full((4,), 2.0))
+
+
+def test_kl_warmup_weights_the_kl_below_beta_while_it_lasts(tiny_params, fake_data_dir):
+    warm = dataclasses.replace(tiny_params.train, epochs=3, kl_warmup_epochs=2)
+    _, history = _train(dataclasses.replace(tiny_params, train=warm), fake_data_dir)
+    first, last = history[0], history[-1]
+    assert first["train/recon"] < first["train/loss"] < first["train/neg_elbo"]
+    assert last["train/loss"] == pytest.approx(last["train/neg_elbo"])
+
+
+def test_dynamic_binarization_changes_between_epochs_and_the_test_set_does_not(
+    tiny_params, fake_data_dir, monkeypatch
+):
+    import vaelab.train as train_module
+    from vaelab.data import evaluation_images
+
+    seen = []
+
+    def recording_step_factory(model, optimizer, likelihood, compile):
+        def step(x, kl_weight):
+            seen.append(x.clone())
+            return torch.zeros(3)
+
+        return step
+
+    monkeypatch.setattr(train_module, "make_train_step", recording_step_factory)
+    monkeypatch.setattr(train_module.torch, "randperm", lambda n, **kw: torch.arange(n))
+    bern = dataclasses.replace(
+        tiny_params,
+        loss=dataclasses.replace(tiny_params.loss, likelihood="bernoulli"),
+        data=dataclasses.replace(tiny_params.data, binarize="dynamic"),
+        train=dataclasses.replace(tiny_params.train, batch_size=320),
+    )
+    _train(bern, fake_data_dir)
+    epoch1, epoch2 = seen
+    assert set(epoch1.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(epoch1, epoch2)
+    test_x, _ = load_split(fake_data_dir, train=False)
+    once, twice = (
+        evaluation_images(test_x, "dynamic", "test"),
+        evaluation_images(test_x, "static", "test"),
+    )
+    assert torch.equal(once, twice) and set(once.unique().tolist()) == {0, 255}
+    # A binary sample keeps the intensities on average.
+    assert abs(once.float().mean() - test_x.float().mean()) < 2.0

@@ -369,3 +369,33 @@ def load_split(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]
         raise VaelabError(f"{data_dir / RAW_DIR / names[0]}: images are {images.shape[1:]}, "
                           "expected 28x28.")  # fmt: skip
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- binarisation
+
+# Fixed seeds, not train.seed: every configuration is evaluated on the very same binary test set.
+FIXED_BINARIZATION_SEEDS = {"train": 1, "test": 2}
+
+
+def binarize_fixed(images: torch.Tensor, split: str) -> torch.Tensor:
+    """One seeded Bernoulli sample of each pixel (probability = intensity): uint8 0/255, so
+    ``images_to_float`` gives exactly 0 or 1."""
+    generator = torch.Generator().manual_seed(FIXED_BINARIZATION_SEEDS[split])
+    out = torch.empty_like(images)
+    for start in range(0, len(images), 10_000):  # bounded float memory
+        chunk = images[start : start + 10_000]
+        draws = torch.rand(chunk.shape, generator=generator) < chunk.float() / 255
+        out[start : start + 10_000] = draws.to(torch.uint8) * 255
+    return out
+
+
+def training_images(images: torch.Tensor, binarize: str) -> torch.Tensor:
+    """The training set as the loop reads it. ``dynamic`` is binarised per batch in the loop (a
+    fresh sample every time an image is seen, Burda et al. 2016); ``static`` once, seeded."""
+    return binarize_fixed(images, "train") if binarize == "static" else images
+
+
+def evaluation_images(images: torch.Tensor, binarize: str, split: str) -> torch.Tensor:
+    """Images for evaluation: fixed, seeded binarisation whenever the model was trained on binary
+    data (dynamic or static), the greyscale images otherwise."""
+    return images if binarize == "none" else binarize_fixed(images, split)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vaelab import params as params_mod
-from vaelab.data import atomic_write_bytes, load_split
+from vaelab.data import atomic_write_bytes, evaluation_images, load_split
 from vaelab.errors import run_stage
 from vaelab.model import (
     GAUSSIAN_CONST_PER_PIXEL,
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load(args.model, map_location=device)
     train_images, train_labels = load_split(args.data_dir, train=True)
     test_images, test_labels = load_split(args.data_dir, train=False)
+    train_images = evaluation_images(train_images, params.data.binarize, "train")
+    test_images = evaluation_images(test_images, params.data.binarize, "test")
     history = read_history(args.history)
     metrics = evaluate(
         model, params, train_images, test_images, history, train_labels, test_labels

@@ -103,7 +103,7 @@ def elbo_terms(
     return ElboTerms(reconstruction_nll(x, logits, likelihood), kl_to_standard_normal(mu, logvar))
 
 
-def training_loss(terms: ElboTerms, beta: float) -> torch.Tensor:
+def training_loss(terms: ElboTerms, beta: float | torch.Tensor) -> torch.Tensor:
     """Mean over the batch of recon + beta * KL: nats per image, independent of the batch size.
 
     beta = 1 is the negative ELBO. (The tutorial sums the recon over the batch but averages the KL,

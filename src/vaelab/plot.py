@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vaelab import params as params_mod
-from vaelab.data import load_split
+from vaelab.data import evaluation_images, load_split
 from vaelab.errors import run_stage
 from vaelab.model import VAE, images_to_float, load
 from vaelab.params import PlotParams
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     params = params_mod.load(args.params)
     model = load(args.model)  # plots are cheap: CPU
     test_images, test_labels = load_split(args.data_dir, train=False)
+    test_images = evaluation_images(test_images, params.data.binarize, "test")
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = params.plot
     loss_curve(

@@ -22,7 +22,13 @@ from tqdm import tqdm
 
 from vaelab import params as params_mod
 from vaelab import tracking
-from vaelab.data import CHECKSUMS_FILE, atomic_write_bytes, load_split
+from vaelab.data import (
+    CHECKSUMS_FILE,
+    atomic_write_bytes,
+    evaluation_images,
+    load_split,
+    training_images,
+)
 from vaelab.errors import VaelabError, run_stage
 from vaelab.model import VAE, dataset_elbo, elbo_terms, images_to_float, save, training_loss
 from vaelab.params import Params
@@ -52,19 +58,20 @@ def adam(model: VAE, lr: float) -> torch.optim.Adam:
 
 
 def make_train_step(
-    model: VAE, optimizer: torch.optim.Optimizer, likelihood: str, beta: float, compile: bool
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One optimisation step on a batch x (B, 1, 28, 28); returns the batch sums of
+    model: VAE, optimizer: torch.optim.Optimizer, likelihood: str, compile: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One optimisation step on a batch x (B, 1, 28, 28) with KL weight ``kl_weight`` (a 0-dim
+    tensor on the device, so annealing never recompiles); returns the batch sums of
     (loss, recon, kl) as a (3,) tensor on the device, so the caller never syncs with the host.
 
     compile=True wraps it in ``torch.compile``: on CUDA in "reduce-overhead" mode (CUDA graphs,
     no kernel launch overhead per step), elsewhere in the default mode.
     """
 
-    def step(x: torch.Tensor) -> torch.Tensor:
+    def step(x: torch.Tensor, kl_weight: torch.Tensor) -> torch.Tensor:
         logits, mu, logvar = model(x)
         terms = elbo_terms(x, logits, mu, logvar, likelihood)
-        loss = training_loss(terms, beta)
+        loss = training_loss(terms, kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -79,13 +86,25 @@ def make_train_step(
     if not on_cuda:
         return compiled
 
-    def graphed_step(x: torch.Tensor) -> torch.Tensor:
+    def graphed_step(x: torch.Tensor, kl_weight: torch.Tensor) -> torch.Tensor:
         # Each call is a new iteration: CUDA graphs may reuse the previous output's memory (the
         # caller has already added it to its sums).
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(x)
+        return compiled(x, kl_weight)
 
     return graphed_step
+
+
+def kl_weights(
+    beta: float, warmup_epochs: int, epoch: int, n_batches: int, device: torch.device
+) -> torch.Tensor:
+    """The KL weight of every step of ``epoch`` (1-based), (n_batches,): beta, or with warm-up
+    beta * min(1, steps done / steps of warm-up), rising linearly step by step."""
+    if warmup_epochs == 0:
+        return torch.full((n_batches,), beta, device=device)
+    steps = torch.arange(1, n_batches + 1, device=device, dtype=torch.float32)
+    progress = (epoch - 1 + steps / n_batches) / warmup_epochs
+    return beta * progress.clamp(max=1.0)
 
 
 def check_batch_size(batch_size: int, n_images: int) -> None:
@@ -123,10 +142,10 @@ def train_model(
     order = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order, its own stream
     model = VAE(params.model.latent_dims, params.model.hidden_dims).to(device)
     optimizer = adam(model, cfg.lr)
-    train_step = make_train_step(
-        model, optimizer, params.loss.likelihood, params.loss.beta, cfg.compile
-    )
-    train_images, test_images = train_images.to(device), test_images.to(device)
+    train_step = make_train_step(model, optimizer, params.loss.likelihood, cfg.compile)
+    binarize = params.data.binarize
+    train_images = training_images(train_images, binarize).to(device)
+    test_images = evaluation_images(test_images, binarize, "test").to(device)
     n_batches = math.ceil(n_images / cfg.batch_size)
     history: list[dict[str, float]] = []
     if resume is not None:
@@ -146,6 +165,7 @@ def train_model(
         sums = torch.zeros(3, device=device)
         # The first step whose loss was not finite (-1: none), also tracked on the device.
         first_bad_step = torch.tensor(-1, device=device)
+        weights = kl_weights(params.loss.beta, cfg.kl_warmup_epochs, epoch, n_batches, device)
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None, unit="batch")  # fmt: skip
         for step in bar:
@@ -153,7 +173,9 @@ def train_model(
                 raise KeyboardInterrupt
             index = permutation[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = images_to_float(train_images[index])  # (B, 1, 28, 28) in [0, 1]
-            batch_sums = train_step(x)
+            if binarize == "dynamic":
+                x = torch.bernoulli(x)  # a fresh binary sample each time an image is seen
+            batch_sums = train_step(x, weights[step])
             sums += batch_sums
             bad = (first_bad_step < 0) & ~torch.isfinite(batch_sums[0])
             first_bad_step = torch.where(bad, step + 1, first_bad_step)
