@@ -145,9 +145,9 @@ def evaluate(
     train_images, test_images = train_images.to(device), test_images.to(device)
     test_means = latent_means(model, test_images)
     return {
-        "test": dataset_elbo(model, test_images.to(device), likelihood, noise),
+        "test": dataset_elbo(model, test_images, likelihood, noise),
         # The final model on the whole training set, for the generalisation gap ...
-        "train": dataset_elbo(model, train_images.to(device), likelihood, noise),
+        "train": dataset_elbo(model, train_images, likelihood, noise),
         # ... and the running average over the last training epoch, as the history logs it.
         "train_last_epoch": {k: last[f"train/{k}"] for k in ("neg_elbo", "recon", "kl")},
         "test_iw": importance_weighted_nll(

@@ -228,20 +228,19 @@ def training_run(
         raise
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _fingerprint(flat_params: dict[str, str], outputs: PipelineOutputs, history: list) -> str:
+def _fingerprint(
+    flat_params: dict[str, str], train_run_id: str, outputs: PipelineOutputs, history: list
+) -> str:
     """What makes a pipeline result: params, the train run, and every output a run carries."""
+    from vaelab.data import md5_of
+
     figures = sorted(p for p in outputs.figures.iterdir() if p.is_file())
+    files = (outputs.metrics, outputs.checksums, outputs.model, *figures)
     payload = {
         "params": flat_params,
-        "train_run_id": json.loads(outputs.run_info.read_text())["run_id"],
+        "train_run_id": train_run_id,
         "history": history,
-        "files": {
-            p.name: _md5(p) for p in (outputs.metrics, outputs.checksums, outputs.model, *figures)
-        },
+        "files": {p.name: md5_of(p) for p in files},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -275,7 +274,7 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
     flat = {k: str(v) for k, v in flatten(params).items()}
     train_run_id = json.loads(outputs.run_info.read_text())["run_id"]
     checksums = json.loads(outputs.checksums.read_text())
-    fingerprint = _fingerprint(flat, outputs, history)
+    fingerprint = _fingerprint(flat, train_run_id, outputs, history)
     exp_name = os.environ.get("DVC_EXP_NAME") or None
 
     client, experiment_id = connect(params.mlflow.experiment)
@@ -310,9 +309,9 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
         tags = context_tags(checksums) | carried | {SOURCE_RUN_TAG: train_run_id}
         run_id = client.create_run(experiment_id, run_name=exp_name, tags=tags).info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
+        rebuilt = TrainingRun(client, run_id)
         for row in history:
-            values = {k: v for k, v in row.items() if k != "epoch"}
-            client.log_batch(run_id, metrics=_metric_batch(values, int(row["epoch"])))
+            rebuilt.log_epoch(row)
         if unfinished:
             # Its results now live in the rebuilt run; don't leave it looking in progress.
             client.set_tag(train_run_id, "vaelab.superseded_by", run_id)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import math
@@ -27,6 +26,7 @@ from vaelab.data import (
     atomic_write_bytes,
     evaluation_images,
     load_split,
+    md5_of,
     training_images,
 )
 from vaelab.errors import VaelabError, run_stage
@@ -249,7 +249,7 @@ def training_config(params: Params, device: torch.device) -> dict[str, str]:
     flat = params_mod.flatten(params)
     config = {k: str(v) for k, v in flat.items() if k.split(".")[0] in TRAIN_SECTIONS}
     for module in (__file__, model_module.__file__):
-        config[f"code.{Path(module).name}"] = hashlib.md5(Path(module).read_bytes()).hexdigest()
+        config[f"code.{Path(module).name}"] = md5_of(Path(module))
     return config | {"torch": str(torch.__version__), "device": device.type}
 
 
