@@ -72,7 +72,7 @@ def fake_data_dir(tmp_path: Path, fake_mnist: Path) -> Path:
 
 TINY = {
     "data": {"source": "custom"},
-    "model": {"hidden_dims": 64},
+    "model": {"hidden": [64]},
     "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
     "evaluate": {"iw_samples": 8},
     "plot": {"grid_size": 4, "line_count": 4, "recon_count": 4},
@@ -81,11 +81,7 @@ TINY = {
 
 @pytest.fixture
 def tiny_params() -> params_mod.Params:
-    p = params_mod.defaults()
-    return dataclasses.replace(
-        p,
-        **{
-            section: dataclasses.replace(getattr(p, section), **values)
-            for section, values in TINY.items()
-        },
-    )
+    raw = dataclasses.asdict(params_mod.defaults())
+    for section, values in TINY.items():
+        raw[section].update(values)
+    return params_mod.parse(raw)

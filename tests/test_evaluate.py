@@ -17,7 +17,7 @@ def _log_normal(z, mu, var):
 
 def test_one_sample_iw_estimate_is_the_single_sample_elbo():
     torch.manual_seed(0)
-    vae = m.VAE(latent_dims=3, hidden_dims=16)
+    vae = m.VAE(latent_dims=3, hidden=(16,))
     x = torch.rand(6, 1, 28, 28)
     mu, logvar = vae.encode(x)
     log_lik = m.log_px_given_z_fn(vae, x, "bernoulli")
@@ -40,7 +40,7 @@ def test_one_sample_iw_estimate_is_the_single_sample_elbo():
 
 def test_iw_bound_rises_with_k_and_is_above_the_elbo():
     torch.manual_seed(1)
-    vae = m.VAE(latent_dims=2, hidden_dims=32)
+    vae = m.VAE(latent_dims=2, hidden=(32,))
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     x = m.images_to_float(images)
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_iw_estimate_converges_to_a_closed_form_log_likelihood():
 
 
 def test_active_units_count_a_dead_dimension_as_inactive():
-    vae = m.VAE(latent_dims=3, hidden_dims=32)
+    vae = m.VAE(latent_dims=3, hidden=(32,))
     with torch.no_grad():
         vae.enc_head.weight[:3] *= 50  # mu rows: make the live dimensions vary strongly
         vae.enc_head.weight[2].zero_()  # mu of dimension 2 no longer depends on x
@@ -107,7 +107,7 @@ def test_probe_reads_separable_latents_and_not_noise():
 
 
 def test_per_digit_neg_elbo_groups_by_label():
-    vae = m.VAE(latent_dims=2, hidden_dims=16)
+    vae = m.VAE(latent_dims=2, hidden=(16,))
     images = torch.randint(0, 256, (30, 28, 28), dtype=torch.uint8)
     labels = torch.arange(30) % 3
     per_digit = ev.per_class_neg_elbo(vae, images, labels, "gaussian",

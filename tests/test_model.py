@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from vaelab import model as m
 
@@ -83,7 +84,7 @@ def test_tutorial_loss_is_batch_size_times_a_beta_of_one_over_batch_size():
 
 
 def test_encode_decode_shapes_and_sampling():
-    vae = m.VAE(latent_dims=3, hidden_dims=16)
+    vae = m.VAE(latent_dims=3, hidden=(16,))
     x = torch.rand(5, 1, 28, 28)
     mu, logvar = vae.encode(x)
     assert mu.shape == logvar.shape == (5, 3)
@@ -94,13 +95,62 @@ def test_encode_decode_shapes_and_sampling():
 
 
 def test_save_load_round_trip(tmp_path):
-    vae = m.VAE(latent_dims=4, hidden_dims=8)
+    vae = m.VAE(latent_dims=4, hidden=(8,))
     m.save(vae, tmp_path / "vae.pt")
     loaded = m.load(tmp_path / "vae.pt")
     assert not loaded.training
-    assert (loaded.latent_dims, loaded.hidden_dims) == (4, 8)
+    assert (loaded.latent_dims, loaded.hidden) == (4, (8,))
     for key, value in vae.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+@pytest.mark.parametrize(
+    ("arch", "hidden", "activation"),
+    [("mlp", (200, 200), "tanh"), ("conv", (32, 64), "relu"), ("conv", (8,), "tanh")],
+)
+def test_architectures_shapes_gradients_and_round_trip(tmp_path, arch, hidden, activation):
+    vae = m.VAE(latent_dims=5, hidden=hidden, arch=arch, activation=activation)
+    x = torch.rand(3, 1, 28, 28)
+    logits, mu, logvar = vae(x, torch.Generator().manual_seed(0))
+    assert logits.shape == (3, 1, 28, 28) and mu.shape == logvar.shape == (3, 5)
+    m.training_loss(m.elbo_terms(x, logits, mu, logvar, "bernoulli"), 1.0).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.parameters())
+    m.save(vae, tmp_path / "vae.pt")
+    loaded = m.load(tmp_path / "vae.pt")
+    assert (loaded.arch, loaded.hidden, loaded.activation) == (arch, hidden, activation)
+    torch.testing.assert_close(loaded.decode(mu.detach()), vae.decode(mu.detach()))
+
+
+def test_mlp_layer_sizes_are_the_papers():
+    """The IWAE paper's VAE: 784-200-200-50 encoder, 50-200-200-784 decoder, tanh."""
+    vae = m.VAE(latent_dims=50, hidden=(200, 200), activation="tanh")
+
+    def linears(module: nn.Module) -> list[tuple[int, int]]:
+        return [
+            (x.in_features, x.out_features) for x in module.modules() if isinstance(x, nn.Linear)
+        ]
+
+    assert linears(vae.encoder) + linears(vae.enc_head) == [(784, 200), (200, 200), (200, 100)]
+    assert linears(vae.decoder) == [(50, 200), (200, 200), (200, 784)]
+    assert sum(isinstance(x, nn.Tanh) for x in vae.modules()) == 4
+    tutorial = m.VAE()  # 784-512-(2+2) / 2-512-784, ReLU
+    assert sum(p.numel() for p in tutorial.parameters()) == (
+        784 * 512 + 512 + 512 * 4 + 4 + 2 * 512 + 512 + 512 * 784 + 784
+    )
+
+
+def test_a_model_saved_before_hidden_was_a_list_still_loads(tmp_path):
+    new = m.VAE(latent_dims=2, hidden=(8,))
+    renamed = {"encoder.0": "enc_hidden", "decoder.0": "dec_hidden", "decoder.2": "dec_out"}
+    old_state = {}
+    for key, value in new.state_dict().items():
+        layer, tensor = key.rsplit(".", 1)
+        old_state[f"{renamed.get(layer, layer)}.{tensor}"] = value
+    torch.save({"config": {"latent_dims": 2, "hidden_dims": 8}, "state_dict": old_state},
+               tmp_path / "old.pt")  # fmt: skip
+    loaded = m.load(tmp_path / "old.pt")
+    z = torch.randn(4, 2)
+    torch.testing.assert_close(loaded.decode(z), new.decode(z))
 
 
 class _Exploit:
@@ -117,7 +167,7 @@ def test_load_refuses_a_pickle_that_is_not_tensors(tmp_path, capsys):
 
 
 def test_dataset_elbo_means_per_image():
-    vae = m.VAE(latent_dims=2, hidden_dims=16)
+    vae = m.VAE(latent_dims=2, hidden=(16,))
     images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
     result = m.dataset_elbo(vae, images, "gaussian", torch.Generator().manual_seed(0), 7)
     # The same 8 chunks (7 x 7 + 1) with the same noise, summed by hand.

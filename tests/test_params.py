@@ -15,7 +15,8 @@ from vaelab.errors import VaelabError
 def test_project_params_are_the_tutorial_settings():
     p = params_mod.load(PROJECT / "params.yaml")
     assert p == params_mod.defaults()
-    assert (p.model.latent_dims, p.model.hidden_dims) == (2, 512)
+    assert (p.model.arch, p.model.latent_dims, p.model.hidden) == ("mlp", 2, (512,))
+    assert p.model.activation == "relu"
     assert (p.train.lr, p.train.batch_size, p.train.epochs, p.train.seed) == (1e-3, 64, 20, 0)
     assert (p.loss.likelihood, p.loss.beta, p.train.device) == ("gaussian", 1.0, "auto")
     assert (p.plot.line_start, p.plot.line_end, p.plot.line_count) == ((-2.5, 0.4), (2.0, 0.4), 10)
@@ -52,6 +53,13 @@ BAD = [
     ("train", "kl_warmup_epochs", -1, ["'train.kl_warmup_epochs'", ">= 0 (0 = off)"]),
     ("data", "binarize", "always", ["'data.binarize'", "'none', 'dynamic', 'static'"]),
     ("model", "latent_dims", 0, ["'model.latent_dims'", ">= 2"]),
+    ("model", "hidden_dims", 512, ["unknown key 'model.hidden_dims'", "Did you mean 'hidden'"]),
+    ("model", "hidden", 512, ["'model.hidden'", "a list, e.g. [200, 200]"]),
+    ("model", "hidden", [], ["'model.hidden'", "one or more integers"]),
+    ("model", "hidden", [200, 0], ["'model.hidden'", "integers >= 1"]),
+    ("model", "hidden", [200, 2.5], ["'model.hidden[1]'", "an integer"]),
+    ("model", "arch", "cnn", ["'model.arch'", "'mlp', 'conv'"]),
+    ("model", "activation", "gelu", ["'model.activation'", "'relu', 'tanh'"]),
     ("loss", "beta", -1, ["'loss.beta'", ">= 0"]),
     ("loss", "likelihood", "gausian", ["'loss.likelihood'", "Did you mean 'gaussian'"]),
     ("train", "device", "tpu", ["'train.device'", "'auto', 'cpu', 'cuda'"]),
@@ -115,3 +123,12 @@ def test_exponent_floats_read_as_numbers(tmp_path, text, value):
 def test_missing_file(tmp_path):
     with pytest.raises(VaelabError, match="file not found"):
         params_mod.load(tmp_path / "nope.yaml")
+
+
+def test_conv_takes_at_most_two_channel_counts(tmp_path):
+    raw = _raw()
+    raw["model"] |= {"arch": "conv", "hidden": [32, 64, 128]}
+    with pytest.raises(VaelabError, match=r"'model.hidden' is \[32, 64, 128\] with 'model.arch'"):
+        params_mod.parse(raw, tmp_path / "p.yaml")
+    raw["model"]["hidden"] = [32, 64]
+    assert params_mod.parse(raw, tmp_path / "p.yaml").model.hidden == (32, 64)

@@ -79,16 +79,16 @@ class TutorialVAE(nn.Module):
 
     def to_vaelab(self) -> VAE:
         """The same weights in vaelab's VAE (fused mu/logvar head), to evaluate them alike."""
-        vae = VAE(self.encoder.linear2.out_features, 512)
+        vae = VAE(self.encoder.linear2.out_features, (512,))
         with torch.no_grad():
-            vae.enc_hidden.load_state_dict(self.encoder.linear1.state_dict())
+            vae.encoder[0].load_state_dict(self.encoder.linear1.state_dict())
             vae.enc_head.weight.copy_(torch.cat([self.encoder.linear2.weight,
                                                  self.encoder.linear3.weight]))  # fmt: skip
             vae.enc_head.bias.copy_(
                 torch.cat([self.encoder.linear2.bias, self.encoder.linear3.bias])
             )
-            vae.dec_hidden.load_state_dict(self.decoder.linear1.state_dict())
-            vae.dec_out.load_state_dict(self.decoder.linear2.state_dict())
+            vae.decoder[0].load_state_dict(self.decoder.linear1.state_dict())
+            vae.decoder[2].load_state_dict(self.decoder.linear2.state_dict())
         return vae.to(self.encoder.linear1.weight.device)
 
 

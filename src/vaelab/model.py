@@ -1,13 +1,15 @@
 """The VAE and its loss, in pure torch (no logging; ``save``/``load`` are its only I/O).
 
-Architecture: the course tutorial's MLP (after A. Van de Kleut's post),
-encoder 784-512-(mu, logvar), decoder latent-512-784, ReLU hidden layers. The decoder
-returns logits; images are ``sigmoid(logits)``. The loss is the per-image negative ELBO of
-Kingma & Welling (2014), eq. 3 / eq. 10, with the closed-form Gaussian KL of their Appendix B.
+Architecture: by default the course tutorial's MLP (after A. Van de Kleut's post),
+encoder 784-512-(mu, logvar), decoder latent-512-784, ReLU hidden layers; deeper MLPs and a small
+conv net are options (``VAE``). The decoder returns logits; images are ``sigmoid(logits)``.
+The loss is the per-image negative ELBO of Kingma & Welling (2014), eq. 3 / eq. 10, with the
+closed-form Gaussian KL of their Appendix B.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,27 +26,87 @@ PIXELS = 784
 GAUSSIAN_CONST_PER_PIXEL = 0.5 * math.log(2 * math.pi)
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def _mlp(widths: list[int], activation: str, last_activation: bool) -> nn.Sequential:
+    """Linear layers widths[0] -> widths[1] -> ...; an activation after each but maybe the last."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(n_in, n_out))
+        if last_activation or i < len(widths) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
 class VAE(nn.Module):
-    def __init__(self, latent_dims: int = 2, hidden_dims: int = 512) -> None:
+    """Gaussian encoder q(z|x) = N(mu, diag(exp(logvar))) and a decoder returning logits.
+
+    arch "mlp": encoder 784-hidden[0]-...-hidden[-1]-(mu, logvar), decoder mirrored
+        latent-hidden[-1]-...-hidden[0]-784. hidden=(512,) with relu is the tutorial's model;
+        hidden=(200, 200) with tanh and latent 50 is the IWAE paper's one-stochastic-layer VAE.
+    arch "conv": hidden gives the channels of 1 or 2 stride-2 convolutions (kernel 4, padding 1:
+        28 -> 14 -> 7), then a Linear to (mu, logvar); the decoder mirrors it with transposed
+        convolutions.
+    """
+
+    def __init__(
+        self,
+        latent_dims: int = 2,
+        hidden: tuple[int, ...] = (512,),
+        arch: str = "mlp",
+        activation: str = "relu",
+    ) -> None:
         super().__init__()
         self.latent_dims = latent_dims
-        self.hidden_dims = hidden_dims
-        self.enc_hidden = nn.Linear(PIXELS, hidden_dims)
-        # mu and logvar from one Linear: the tutorial's two parallel heads, fused into one matmul.
-        self.enc_head = nn.Linear(hidden_dims, 2 * latent_dims)
-        self.dec_hidden = nn.Linear(latent_dims, hidden_dims)
-        self.dec_out = nn.Linear(hidden_dims, PIXELS)
+        self.hidden = tuple(hidden)
+        self.arch = arch
+        self.activation = activation
+        act = ACTIVATIONS[activation]
+        # Layers are created encoder, head, decoder: the tutorial's order, so that a seed gives
+        # the tutorial model the same initial weights as before these options existed.
+        if arch == "mlp":
+            self.encoder = _mlp([PIXELS, *hidden], activation, last_activation=True)
+            # mu and logvar from one Linear: the tutorial's two parallel heads, fused.
+            self.enc_head = nn.Linear(hidden[-1], 2 * latent_dims)
+            # The last decoder layer maps to 784 logits, no activation.
+            self.decoder = _mlp([latent_dims, *reversed(hidden), PIXELS], activation, False)
+        elif arch == "conv":
+            if not 1 <= len(hidden) <= 2:
+                raise ValueError(f"conv takes 1 or 2 channel counts, got {list(hidden)}")
+            side = 28 // 2 ** len(hidden)  # 14 or 7
+            channels = [1, *hidden]
+            enc: list[nn.Module] = []
+            for n_in, n_out in itertools.pairwise(channels):  # (B, c, s, s) -> (B, c', s/2, s/2)
+                enc += [nn.Conv2d(n_in, n_out, kernel_size=4, stride=2, padding=1), act()]
+            self.encoder = nn.Sequential(*enc, nn.Flatten())  # -> (B, hidden[-1] * side^2)
+            features = hidden[-1] * side * side
+            self.enc_head = nn.Linear(features, 2 * latent_dims)
+            dec: list[nn.Module] = [
+                nn.Linear(latent_dims, features),
+                act(),
+                nn.Unflatten(1, (hidden[-1], side, side)),
+            ]
+            backwards = channels[::-1]  # [c_last, ..., c_first, 1]
+            for i, (n_in, n_out) in enumerate(itertools.pairwise(backwards)):
+                dec.append(nn.ConvTranspose2d(n_in, n_out, kernel_size=4, stride=2, padding=1))
+                if i < len(backwards) - 2:
+                    dec.append(act())
+            self.decoder = nn.Sequential(*dec)  # -> (B, 1, 28, 28) logits
+        else:
+            raise ValueError(f"unknown arch {arch!r}")
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, 28, 28) in [0, 1] -> mu, logvar, each (B, latent)."""
-        h = F.relu(self.enc_hidden(x.flatten(start_dim=1)))  # (B, 784) -> (B, hidden)
+        if self.arch == "mlp":
+            x = x.flatten(start_dim=1)  # (B, 784)
+        h = self.encoder(x)  # (B, features)
         mu, logvar = self.enc_head(h).chunk(2, dim=1)  # (B, 2*latent) -> 2 x (B, latent)
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, latent) -> logits (B, 1, 28, 28); ``torch.sigmoid`` gives the image."""
-        h = F.relu(self.dec_hidden(z))  # (B, latent) -> (B, hidden)
-        return self.dec_out(h).view(-1, *IMAGE_SHAPE)  # (B, 784) -> (B, 1, 28, 28)
+        return self.decoder(z).view(-1, *IMAGE_SHAPE)
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
@@ -59,8 +121,10 @@ class VAE(nn.Module):
         z = mu + torch.exp(0.5 * logvar) * eps
         return self.decode(z), mu, logvar
 
-    def config(self) -> dict[str, int]:
-        return {"latent_dims": self.latent_dims, "hidden_dims": self.hidden_dims}
+    def config(self) -> dict[str, int | str | list[int]]:
+        """The constructor's arguments, as plain types (saved beside the weights)."""
+        return {"latent_dims": self.latent_dims, "hidden": list(self.hidden),
+                "arch": self.arch, "activation": self.activation}  # fmt: skip
 
 
 @dataclass
@@ -213,9 +277,18 @@ def save(model: VAE, path: Path) -> None:
     tmp.replace(path)
 
 
+# Layer names of the one-hidden-layer MLP as it was saved before ``hidden`` became a list.
+_OLD_NAMES = {"enc_hidden": "encoder.0", "dec_hidden": "decoder.0", "dec_out": "decoder.2"}
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
     """Rebuild a saved VAE in eval mode. Only tensors and plain containers are unpickled."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    model = VAE(**checkpoint["config"]).to(map_location)
-    model.load_state_dict(checkpoint["state_dict"])
+    config, state = dict(checkpoint["config"]), checkpoint["state_dict"]
+    if "hidden_dims" in config:  # saved before model.hidden became a list (one-layer MLP)
+        config["hidden"] = [config.pop("hidden_dims")]
+        state = {_OLD_NAMES.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v
+                 for k, v in state.items()}  # fmt: skip
+    model = VAE(**config).to(map_location)
+    model.load_state_dict(state)
     return model.eval()

@@ -22,6 +22,8 @@ Likelihood = Literal["gaussian", "bernoulli"]
 Device = Literal["auto", "cpu", "cuda"]
 DataSource = Literal["mnist", "custom"]
 Binarize = Literal["none", "dynamic", "static"]
+Arch = Literal["mlp", "conv"]
+Activation = Literal["relu", "tanh"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,13 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
+    # mlp: fully connected; conv: stride-2 convolutions (see vaelab.model.VAE).
+    arch: Arch = "mlp"
     latent_dims: int = 2
-    hidden_dims: int = 512
+    # mlp: the widths of the encoder's hidden layers (the decoder mirrors them);
+    # conv: the channels of its 1 or 2 convolutions.
+    hidden: tuple[int, ...] = (512,)
+    activation: Activation = "relu"
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         lambda v: v >= 2,
         "an integer >= 2 (the latent plots need two dimensions)",
     ),
-    "model.hidden_dims": (lambda v: v >= 1, "an integer >= 1"),
+    "model.hidden": (
+        lambda v: len(v) >= 1 and all(1 <= w <= 65536 for w in v),
+        "a list of one or more integers >= 1, e.g. [512] or [200, 200]",
+    ),
     "loss.beta": (lambda v: v >= 0, "a number >= 0"),
     "train.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "train.kl_warmup_epochs": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
@@ -158,6 +168,12 @@ def _check_type(path: Path, key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, str):
             fail("a string")
         return value
+    if origin is tuple and typing.get_args(annotation)[1:] == (Ellipsis,):
+        if not isinstance(value, list | tuple):
+            fail("a list, e.g. [200, 200]")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_check_type(path, f"{key}[{i}]", item, item_type)
+                     for i, item in enumerate(value))  # fmt: skip
     if origin is tuple:
         item_types = typing.get_args(annotation)
         if not isinstance(value, list | tuple) or len(value) != len(item_types):
@@ -219,6 +235,11 @@ def parse(raw: Any, path: Path = Path("params.yaml")) -> Params:
             raise VaelabError(f"{path}: missing section '{name}'.")
         built[name] = _build_section(path, name, hints[name], raw[name])
     params = Params(**built)
+    if params.model.arch == "conv" and len(params.model.hidden) > 2:
+        raise VaelabError(
+            f"{path}: 'model.hidden' is {list(params.model.hidden)} with 'model.arch' conv; the "
+            "conv net takes 1 or 2 channel counts (28 -> 14 -> 7 pixels), e.g. [32, 64]."
+        )
     if params.data.binarize != "none" and params.loss.likelihood != "bernoulli":
         raise VaelabError(
             f"{path}: 'data.binarize' is {params.data.binarize!r} but 'loss.likelihood' is "

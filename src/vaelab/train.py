@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -140,7 +141,8 @@ def train_model(
     check_batch_size(cfg.batch_size, n_images)
     torch.manual_seed(cfg.seed)  # initial weights and the reparameterisation noise
     order = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order, its own stream
-    model = VAE(params.model.latent_dims, params.model.hidden_dims).to(device)
+    # ModelParams' fields are VAE's constructor arguments.
+    model = VAE(**dataclasses.asdict(params.model)).to(device)
     optimizer = adam(model, cfg.lr)
     train_step = make_train_step(model, optimizer, params.loss.likelihood, cfg.compile)
     binarize = params.data.binarize
