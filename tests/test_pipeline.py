@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import PROJECT, TINY, write_fake_mnist
@@ -196,6 +197,26 @@ def test_bernoulli_with_dynamic_binarization_end_to_end(repo):
     assert_complete(repo, new, repo / "params.yaml")
     # Bernoulli NLL of binary images: positive nats, the IW bound below the negative ELBO.
     assert 0 < new.data.metrics["eval/test_iw/nll"] <= new.data.metrics["eval/test_iw/neg_elbo"]
+
+
+def test_a_preset_runs_as_a_named_experiment(repo):
+    """The iwae-benchmark preset (a list value, a string, ints) through DVC's -S and back."""
+    count = len(runs(repo))
+    preset = [sys.executable, "-m", "vaelab.presets", "--dir", "presets", "iwae-benchmark"]
+    output = run(repo, *preset, "-S", "train.epochs=1", "-S", "evaluate.iw_samples=10")
+    assert "-S 'model.hidden=[200,200]'" in output
+    (new,) = runs(repo)[count:]
+    assert new.info.run_name == "iwae-benchmark"
+    got = {k: new.data.params[k] for k in ("model.hidden", "model.activation", "model.latent_dims",
+                                           "train.batch_size", "train.epochs", "data.source",
+                                           "train.device", "evaluate.iw_samples")}  # fmt: skip
+    assert got == {"model.hidden": "[200, 200]", "model.activation": "tanh",
+                   "model.latent_dims": "50", "train.batch_size": "20", "train.epochs": "1",
+                   "data.source": "custom", "train.device": "cpu",  # kept from params.yaml
+                   "evaluate.iw_samples": "10"}  # fmt: skip
+    assert_complete(repo, new, repo / "params.yaml")
+    saved = torch.load(repo / "models" / "vae.pt", weights_only=True)["config"]
+    assert saved == {"latent_dims": 50, "hidden": [200, 200], "arch": "mlp", "activation": "tanh"}
 
 
 def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
