@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5000
+COMMA  := ,
 
-.PHONY: repro test ui bench lint clean-venv
+.PHONY: repro test ui bench compare sweep preset lint clean-venv
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +33,37 @@ BENCH_ARGS ?=
 bench: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro prepare
 	$(BIN)/python -m vaelab.bench --data-dir data/MNIST --report reports/benchmark.md $(BENCH_ARGS)
+
+# Compare finished runs from MLflow: reports/comparison.md + .csv, figures in reports/comparison/,
+# also logged to a "comparison" run. E.g. make compare COMPARE_ARGS="--filter \"tags.sweep = 'x'\""
+COMPARE_ARGS ?=
+compare: $(VENV)/.installed
+	$(BIN)/python -m vaelab.compare --params params.yaml --report reports/comparison.md \
+		--figures reports/comparison $(COMPARE_ARGS)
+
+# The default sweep: latent_dims 2, 5, 10, 20 at the tutorial's settings, queued as DVC
+# experiments, run 2 at a time, then compared. SWEEP_VALUES / SWEEP_KEY / SWEEP_JOBS change it.
+SWEEP_KEY    ?= model.latent_dims
+SWEEP_VALUES ?= 2,5,10,20
+SWEEP_JOBS   ?= 2
+ifndef SWEEP_NAME  # the sweep tag of its runs; := so it is computed once
+SWEEP_NAME := $(lastword $(subst ., ,$(SWEEP_KEY)))-$(shell date +%Y%m%d-%H%M%S)
+endif
+sweep: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --queue \
+		-S '$(SWEEP_KEY)=$(SWEEP_VALUES)' -S 'mlflow.sweep=$(SWEEP_NAME)'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc queue start -j $(SWEEP_JOBS)
+	@echo "waiting for the queue (dvc queue status / dvc queue logs NAME in another shell)"
+	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
+	$(BIN)/dvc queue status
+	$(BIN)/python -m vaelab.compare --params params.yaml --report reports/comparison.md \
+		--figures reports/comparison --filter "tags.sweep = '$(SWEEP_NAME)'" \
+		--expect-runs $(words $(subst $(COMMA), ,$(SWEEP_VALUES)))
+
+# Run a preset (presets/*.yaml) as a DVC experiment: make preset PRESET=bernoulli-2d
+PRESET ?= tutorial
+preset: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m vaelab.presets --dir presets $(PRESET)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests

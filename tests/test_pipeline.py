@@ -221,8 +221,8 @@ def test_a_preset_runs_as_a_named_experiment(repo):
 
 def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
     repo = make_repo(tmp_path / "queue")
-    for seed in (1, 2):
-        run(repo, "dvc", "exp", "run", "--queue", "-n", f"seed-{seed}", "-S", f"train.seed={seed}")
+    # DVC's grid syntax: one queued experiment per value.
+    run(repo, "dvc", "exp", "run", "--queue", "-S", "train.seed=1,2", "-S", "mlflow.sweep=seeds")
     assert not (repo / "mlflow.db").exists()
     run(repo, "dvc", "queue", "start", "-j", "2")
     deadline = time.time() + 400
@@ -235,9 +235,12 @@ def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
         pytest.fail(f"queue did not finish:\n{status}")
     assert status.count("Success") == 2, status
     done = runs(repo)
-    assert sorted(r.info.run_name for r in done) == ["seed-1", "seed-2"]
+    assert len(done) == 2
+    assert sorted(r.data.tags["params.changed"] for r in done) == [
+        "train.seed=1, mlflow.sweep=seeds", "train.seed=2, mlflow.sweep=seeds"]  # fmt: skip
     for r in done:
         assert r.data.tags["dvc.exp_name"] == r.info.run_name
         assert r.data.tags["dvc.baseline_rev"] == run(repo, "git", "rev-parse", "HEAD").strip()
+        assert r.data.tags["sweep"] == "seeds"
         run(repo, "dvc", "exp", "apply", r.info.run_name)
         assert_complete(repo, r, repo / "params.yaml")

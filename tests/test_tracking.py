@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.conftest import PROJECT
+from vaelab import params as params_mod
 from vaelab import tracking
 
 
@@ -39,11 +41,12 @@ def _outputs(tmp_path, params, checksums, run_id) -> tracking.PipelineOutputs:
 
 
 HISTORY = [{"epoch": 1, "train/loss": 3.0, "test/neg_elbo": 2.5}]
+PARAMS_FILE = PROJECT / "params.yaml"
 CHECKSUMS = {"source": "custom", "files": {"a": {"md5": "0" * 32}}}
 
 
 def _train_run(params) -> str:
-    with tracking.training_run(params, CHECKSUMS, "cpu") as run:
+    with tracking.training_run(params, CHECKSUMS, "cpu", PARAMS_FILE) as run:
         run.log_epoch(HISTORY[0])
     return run.run_id
 
@@ -104,8 +107,35 @@ def test_a_superseded_train_run_does_not_stay_running(store, tmp_path, tiny_para
 
 
 def test_training_run_is_failed_with_the_reason(store, tiny_params):
-    with pytest.raises(RuntimeError), tracking.training_run(tiny_params, CHECKSUMS, "cpu") as run:
+    with (
+        pytest.raises(RuntimeError),
+        tracking.training_run(tiny_params, CHECKSUMS, "cpu", PARAMS_FILE) as run,
+    ):
         raise RuntimeError("loss exploded")
     failed = store.get_run(run.run_id)
     assert failed.info.status == "FAILED"
     assert failed.data.tags["vaelab.error"] == "RuntimeError: loss exploded"
+
+
+def test_changed_params_against_the_committed_file(tmp_path, monkeypatch, tiny_params):
+    import subprocess
+
+    import yaml
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    for cmd in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "base"]):
+        subprocess.run([*git, *cmd], cwd=repo, check=True)
+    base = params_mod.load(repo / "params.yaml")
+    assert tracking.changed_params(base, repo / "params.yaml", "HEAD") == ""
+    assert tracking.changed_params(tiny_params, repo / "params.yaml", "HEAD") == (
+        "data.source=custom, model.hidden=[64], train.epochs=2, train.batch_size=32, "
+        "train.device=cpu, evaluate.iw_samples=8, plot.line_count=4, plot.grid_size=4, "
+        "plot.recon_count=4"
+    )
+    assert tracking.changed_params(base, repo / "params.yaml", "no-such-rev") is None
+    assert tracking.changed_params(base, tmp_path / "elsewhere.yaml", "HEAD") is None

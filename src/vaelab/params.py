@@ -92,6 +92,9 @@ class PlotParams:
 @dataclass(frozen=True)
 class MlflowParams:
     experiment: str = "vaelab"
+    # A label for runs that belong together, set per experiment (`make sweep` sets one per sweep);
+    # runs carry it as the `sweep` tag. Changing it re-runs no stage, only `record`.
+    sweep: str = ""
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,11 @@ _Loader.add_implicit_resolver(
 )
 
 
+def load_yaml(text: str) -> Any:
+    """Parse YAML the way params are read (safe, with YAML 1.2 exponent floats)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load(path: str | Path) -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
@@ -269,7 +277,7 @@ def load(path: str | Path) -> Params:
     except FileNotFoundError:
         raise VaelabError(f"{path}: file not found. Run from the project root.") from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        raw = load_yaml(text)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

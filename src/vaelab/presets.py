@@ -51,7 +51,7 @@ def available(folder: Path) -> list[str]:
 def read_preset(path: Path) -> dict[str, Any]:
     """The preset's values as ``{"section.key": value}``; only configuration keys are allowed."""
     try:
-        raw = yaml.load(path.read_text(), Loader=params_mod._Loader)  # noqa: S506 - SafeLoader
+        raw = params_mod.load_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise VaelabError(f"{path}: not valid YAML: {error}.") from None
     if raw is None:
@@ -109,7 +109,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
         raise VaelabError(f"-S {text!r}: expected section.key=value, e.g. -S train.epochs=50.")
-    return key, yaml.load(value, Loader=params_mod._Loader)  # noqa: S506 - SafeLoader
+    return key, params_mod.load_yaml(value)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,8 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from vaelab.errors import VaelabError
-from vaelab.params import Params, flatten
+from vaelab.params import Params, flatten, load_yaml
 
 FINGERPRINT_TAG = "vaelab.fingerprint"
 SOURCE_RUN_TAG = "vaelab.source_run_id"
@@ -44,6 +46,7 @@ def _quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", module="sqlalchemy")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="mlflow")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def project_root() -> Path:
@@ -132,16 +135,46 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def context_tags(checksums: dict) -> dict[str, str]:
-    """Tags tying a run to its code, data and DVC experiment."""
+def changed_params(params: Params, params_file: Path, baseline: str) -> str | None:
+    """``"key=value, ..."`` for the params that differ from ``params_file`` as committed in
+    ``baseline`` (what this experiment changed); None when git cannot tell."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None:
+        return None
+    try:
+        relative = params_file.resolve().relative_to(Path(top).resolve()).as_posix()
+    except ValueError:  # not inside this repository
+        return None
+    committed = _git("show", f"{baseline}:{relative}")
+    if committed is None:
+        return None
+    try:
+        # Compared as plain YAML, so a baseline written for older code still reads.
+        raw = load_yaml(committed) or {}
+    except yaml.YAMLError:
+        return None
+    before = {f"{section}.{key}": value for section, keys in raw.items()
+              if isinstance(keys, dict) for key, value in keys.items()}  # fmt: skip
+    now = flatten(params)  # tuples as lists, as YAML reads them
+    return ", ".join(f"{key}={value}" for key, value in now.items() if before.get(key) != value)
+
+
+def context_tags(checksums: dict, params: Params, params_file: Path) -> dict[str, str]:
+    """Tags tying a run to its code, data and DVC experiment; ``sweep`` (``mlflow.sweep``)
+    groups the runs of one sweep."""
     commit = _git("rev-parse", "HEAD") or "unknown"
     dirty = _git("status", "--porcelain", "--untracked-files=no")
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+    changed = changed_params(params, params_file, baseline or "HEAD")
     tags = {
         "git.commit": commit,
         "mlflow.source.git.commit": commit,
         "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "dvc.baseline_rev": baseline,
+        # The params that differ from the baseline commit's (from HEAD's outside experiments).
+        "params.changed": "unknown" if changed is None else changed,
+        "sweep": params.mlflow.sweep,
         "data.source": str(checksums.get("source", "")),
     }
     for name, entry in checksums.get("files", {}).items():
@@ -183,6 +216,7 @@ def training_run(
     params: Params,
     checksums: dict,
     device: object,
+    params_file: Path,
     resume_run_id: str | None = None,
     history: list[dict] = (),
 ) -> Iterator[TrainingRun]:
@@ -205,7 +239,7 @@ def training_run(
             client.delete_tag(run_id, "vaelab.error")
         client.set_tag(run_id, "vaelab.resumed_after_epoch", str(len(history)))
     else:
-        tags = context_tags(checksums) | {
+        tags = context_tags(checksums, params, params_file) | {
             "device": str(device),
             "torch.version": torch.__version__,
         }
@@ -306,7 +340,11 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
         if source is not None:
             carried = {k: source.data.tags[k] for k in ("device", "torch.version")
                        if k in source.data.tags}  # fmt: skip
-        tags = context_tags(checksums) | carried | {SOURCE_RUN_TAG: train_run_id}
+        tags = (
+            context_tags(checksums, params, outputs.params_file)
+            | carried
+            | {SOURCE_RUN_TAG: train_run_id}
+        )
         run_id = client.create_run(experiment_id, run_name=exp_name, tags=tags).info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
         rebuilt = TrainingRun(client, run_id)
@@ -328,6 +366,77 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
     client.log_batch(run_id, tags=[RunTag(FINGERPRINT_TAG, fingerprint)])
     client.set_terminated(run_id, "FINISHED")
     print(f"record: MLflow run {run_id} is complete ({how})")
+    return run_id
+
+
+KIND_TAG = "vaelab.kind"  # "comparison" on the runs vaelab.compare logs
+
+
+def find_runs(experiment: str, filter_string: str = "", run_ids: list[str] = ()):  # noqa: ANN201
+    """FINISHED training runs of ``experiment`` as ``mlflow.search_runs`` returns them: a pandas
+    DataFrame, one row per run, columns ``params.*``, ``metrics.*`` (last values), ``tags.*``;
+    oldest first. ``filter_string`` is MLflow's search syntax, e.g. ``tags.sweep = 'latent'``."""
+    import mlflow
+
+    _quiet_mlflow()
+    uri = tracking_uri()
+    _check_reachable(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise VaelabError(f"no MLflow experiment '{experiment}' in {uri}; run the pipeline first.")
+    query = ["attributes.status = 'FINISHED'"]
+    if run_ids:
+        query.append("attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")")
+    if filter_string:
+        query.append(filter_string)
+    mlflow.set_tracking_uri(uri)
+    try:
+        runs = mlflow.search_runs(experiment_ids=[found.experiment_id],
+                                  filter_string=" and ".join(query),
+                                  order_by=["attributes.start_time ASC"])  # fmt: skip
+    except mlflow.exceptions.MlflowException as error:
+        raise VaelabError(
+            f"MLflow cannot search with {filter_string!r}: {error.message}"
+        ) from None
+    if f"tags.{KIND_TAG}" in runs.columns:
+        runs = runs[runs[f"tags.{KIND_TAG}"].fillna("") != "comparison"]
+    return runs.reset_index(drop=True)
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of ``key``, by step."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=tracking_uri()).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def download_artifact(run_id: str, artifact_path: str, destination: Path) -> Path | None:
+    """The run's artifact copied under ``destination``; None when the run does not have it."""
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=str(destination),
+                                                    tracking_uri=tracking_uri())  # fmt: skip
+    except Exception:  # noqa: BLE001 - missing artifact: the caller shows a gap instead
+        return None
+    return Path(local)
+
+
+def log_comparison(experiment: str, files: list[Path], compared: list[str]) -> str:
+    """A FINISHED run named "comparison" with ``files`` under ``comparison/``; returns its id."""
+    client, experiment_id = connect(experiment)
+    tags = {
+        KIND_TAG: "comparison",
+        "vaelab.compared_runs": ",".join(compared)[:5000],
+        "mlflow.note.content": f"{len(compared)} runs compared by python -m vaelab.compare.",
+    }
+    run_id = client.create_run(experiment_id, run_name="comparison", tags=tags).info.run_id
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path="comparison")
+    client.set_terminated(run_id, "FINISHED")
     return run_id
 
 

@@ -338,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     history: list[dict[str, float]] = list(resume["history"]) if resume else []
     resume_run = resume["run_id"] if resume else None
     try:
-        with tracking.training_run(params, checksums, device, resume_run, history) as run:
+        with tracking.training_run(
+            params, checksums, device, args.params, resume_run, history
+        ) as run:
 
             def on_state(state: dict) -> None:
                 save_checkpoint(args.checkpoint, state, config, data_md5, run.run_id)

@@ -1,0 +1,257 @@
+"""Compare tracked runs: one table and a few figures, read from MLflow (``make compare``).
+
+    python -m vaelab.compare --params params.yaml --report reports/comparison.md \
+        --figures reports/comparison [--filter "tags.sweep = 'latent-dims'"] [--run-ids ID ...] \
+        [--metric eval/test_iw/nll] [--experiment NAME] [--no-log]
+
+Reads the FINISHED runs of the experiment (``mlflow.search_runs``, a pandas DataFrame) and
+writes:
+- ``<report>.md`` and ``.csv``: one row per run with its name, DVC experiment, commit, the params
+  that vary across the selected runs (the constant ones are listed once above the table), the
+  final losses, the evaluation metrics the runs have, and the median epoch time; sorted by
+  ``--metric``;
+- ``<figures>/comparison_curves.png``: per-epoch test negative ELBO of every run;
+- ``<figures>/comparison_<param>.png``: ``--metric`` against each varying numeric param;
+- ``<figures>/comparison_latents.png``: the runs' latent scatters side by side;
+and logs them all to a run named "comparison" (tag ``vaelab.kind = comparison``) so they open
+from the MLflow UI. Params and metrics come from the runs themselves, not from a list here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from vaelab import params as params_mod
+from vaelab import tracking
+from vaelab.errors import VaelabError, run_stage
+
+# Per-epoch metrics (their last value is the final one) and evaluation metrics, in table order;
+# a column appears only when some selected run has it.
+METRIC_PREFIXES = ("train/neg_elbo", "test/neg_elbo", "test/recon", "test/kl", "eval/test_iw/",
+                   "eval/latent/active_units", "eval/latent/probe_accuracy")  # fmt: skip
+CURVE_METRIC = "test/neg_elbo"
+DEFAULT_METRIC = "eval/test_iw/nll"
+
+
+def varying_and_constant(runs: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
+    """Param names (without ``params.``) that differ between runs, and the others' one value."""
+    varying, constant = [], {}
+    for column in sorted(c for c in runs.columns if c.startswith("params.")):
+        values = runs[column].fillna("(unset)").astype(str)
+        name = column.removeprefix("params.")
+        if values.nunique() > 1:
+            varying.append(name)
+        else:
+            constant[name] = values.iloc[0]
+    return varying, constant
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    present = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
+    chosen = []
+    for prefix in METRIC_PREFIXES:
+        chosen += sorted(m for m in present if m.startswith(prefix) and m not in chosen
+                         and runs[f"metrics.{m}"].notna().any())  # fmt: skip
+    return chosen
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def build_table(runs: pd.DataFrame, metric: str, descending: bool) -> tuple[pd.DataFrame, dict]:
+    """The comparison table (one row per run, sorted by ``metric``) and the constant params."""
+    if f"metrics.{metric}" not in runs.columns or runs[f"metrics.{metric}"].isna().all():
+        available = ", ".join(metric_columns(runs)) or "none"
+        raise VaelabError(
+            f"no selected run has the metric '{metric}'; choose --metric from: {available}."
+        )
+    varying, constant = varying_and_constant(runs)
+
+    def tag(name: str) -> pd.Series:
+        return runs.get(f"tags.{name}", pd.Series("", index=runs.index)).fillna("")
+
+    table = pd.DataFrame({
+        "run": tag("mlflow.runName"),
+        "dvc_experiment": tag("dvc.exp_name"),
+        "commit": tag("git.commit").str[:7],
+        "run_id": runs["run_id"],
+    })  # fmt: skip
+    for name in varying:
+        table[name] = runs[f"params.{name}"]
+    for name in metric_columns(runs):
+        table[name] = runs[f"metrics.{name}"]
+    table["epoch_seconds"] = [
+        pd.Series([v for _, v in tracking.metric_history(run_id, "epoch_seconds")]).median()
+        for run_id in runs["run_id"]
+    ]
+    table = table.sort_values(metric, ascending=not descending, na_position="last")
+    return table.reset_index(drop=True), constant
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if value.is_integer() and abs(value) < 1e6:
+            return str(int(value))  # counts: active units, samples
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown(table: pd.DataFrame, constant: dict[str, str], title: str, metric: str) -> str:
+    lines = [f"# {title}", "", f"{len(table)} runs, sorted by `{metric}`. Losses in nats per "
+             "image; `epoch_seconds` is the median training time of an epoch.", ""]  # fmt: skip
+    if constant:
+        lines += ["Same in every run: " + ", ".join(f"`{k}={v}`" for k, v in constant.items()), ""]
+    shown = [c for c in table.columns if c != "run_id"]
+    lines.append("| " + " | ".join(shown) + " |")
+    lines.append("|" + "---|" * len(shown))
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_cell(row[c]) for c in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def plot_curves(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, row in table.iterrows():
+        history = tracking.metric_history(row["run_id"], CURVE_METRIC)
+        if history:
+            ax.plot(*zip(*history, strict=True), marker=".", label=row["run"] or row["run_id"][:8])
+    ax.set(xlabel="epoch", ylabel=f"{CURVE_METRIC} (nats/image)", title="Test negative ELBO")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_against_params(table: pd.DataFrame, params: list[str], metric: str, folder: Path):
+    """One figure per varying param whose values are all numbers; returns the files."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name in params:
+        xs = [_number(v) for v in table[name]]
+        if any(x is None for x in xs):
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.plot(xs, table[metric], "o")
+        for x, y, label in zip(xs, table[metric], table["run"], strict=True):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if min(xs) > 0 and max(xs) / min(xs) >= 8:
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel=metric, title=f"{metric} vs {name}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"comparison_{_safe(name)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_latents(table: pd.DataFrame, path: Path) -> None:
+    """Each run's logged figures/latent_scatter.png, side by side (a gap says it is missing)."""
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    count = len(table)
+    cols = min(count, 4)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        for ax, (i, row) in zip(axes.flat, table.iterrows(), strict=False):
+            local = tracking.download_artifact(row["run_id"], "figures/latent_scatter.png",
+                                               Path(scratch) / str(i))  # fmt: skip
+            if local is not None:
+                ax.imshow(mpimg.imread(local))
+            else:
+                ax.text(0.5, 0.5, "no latent_scatter.png", ha="center", va="center")
+            ax.set_title(row["run"] or row["run_id"][:8], fontsize=10)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare(
+    experiment: str,
+    report: Path,
+    figures: Path,
+    filter_string: str = "",
+    run_ids: list[str] = (),
+    metric: str = DEFAULT_METRIC,
+    descending: bool = False,
+    log: bool = True,
+    expect_runs: int | None = None,
+) -> list[Path]:
+    """Write the report, its CSV and the figures, log them to a comparison run; return them."""
+    runs = tracking.find_runs(experiment, filter_string, list(run_ids))
+    if runs.empty:
+        where = f" matching {filter_string!r}" if filter_string else ""
+        raise VaelabError(f"no FINISHED runs in experiment '{experiment}'{where}.")
+    if expect_runs is not None and len(runs) != expect_runs:
+        raise VaelabError(
+            f"expected {expect_runs} FINISHED runs matching {filter_string!r}, found {len(runs)}: "
+            "an experiment failed or is still running; see dvc queue status / dvc queue logs."
+        )
+    table, constant = build_table(runs, metric, descending)
+    varying, _ = varying_and_constant(runs)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    title = f"Comparison: experiment `{experiment}`" + (
+        f", `{filter_string}`" if filter_string else ""
+    )
+    report.write_text(markdown(table, constant, title, metric))
+    csv_path = report.with_suffix(".csv")
+    table.to_csv(csv_path, index=False)
+    files = [report, csv_path, figures / "comparison_curves.png"]
+    plot_curves(table, files[-1])
+    files += plot_against_params(table, varying, metric, figures)
+    files.append(figures / "comparison_latents.png")
+    plot_latents(table, files[-1])
+    if log:
+        run_id = tracking.log_comparison(experiment, files, list(table["run_id"]))
+        print(f"compare: logged to MLflow run {run_id} (artifacts under comparison/)")
+    print(f"compare: {len(table)} runs -> {report}, {csv_path}, figures in {figures}")
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, required=True, help="for mlflow.experiment")
+    parser.add_argument("--report", type=Path, required=True, help="the .md (the .csv beside it)")
+    parser.add_argument("--figures", type=Path, required=True, help="folder for the figures")
+    parser.add_argument("--experiment", help="MLflow experiment (default: params.yaml's)")
+    parser.add_argument("--filter", default="", help="MLflow filter, e.g. \"tags.sweep = 'x'\"")
+    parser.add_argument("--run-ids", nargs="*", default=[], help="compare only these runs")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help="rank by this metric")
+    parser.add_argument("--descending", action="store_true", help="higher is better")
+    parser.add_argument("--no-log", action="store_true", help="do not log a comparison run")
+    parser.add_argument("--expect-runs", type=int, help="fail unless exactly this many runs match")
+    args = parser.parse_args(argv)
+    experiment = args.experiment or params_mod.load(args.params).mlflow.experiment
+    compare(experiment, args.report, args.figures, args.filter, args.run_ids, args.metric,
+            args.descending, log=not args.no_log, expect_runs=args.expect_runs)  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_stage(main)
