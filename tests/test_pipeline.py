@@ -244,3 +244,10 @@ def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
         assert r.data.tags["sweep"] == "seeds"
         run(repo, "dvc", "exp", "apply", r.info.run_name)
         assert_complete(repo, r, repo / "params.yaml")
+    # The sweep's comparison, as make sweep ends.
+    run(repo, sys.executable, "-m", "vaelab.compare", "--params", "params.yaml", "--report",
+        "reports/comparison.md", "--figures", "reports/comparison", "--filter",
+        "tags.sweep = 'seeds'", "--expect-runs", "2")  # fmt: skip
+    table = (repo / "reports" / "comparison.md").read_text()
+    assert "train.seed" in table.splitlines()[-3] and "eval/test_iw/nll" in table
+    assert (repo / "reports" / "comparison" / "comparison_train.seed.png").stat().st_size > 0

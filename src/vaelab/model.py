@@ -109,14 +109,19 @@ class VAE(nn.Module):
         return self.decoder(z).view(-1, *IMAGE_SHAPE)
 
     def forward(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One posterior sample per image: returns (logits, mu, logvar)."""
+        """One posterior sample per image: returns (logits, mu, logvar). The noise is ``eps``
+        (B, latent) when given (distributed training draws it for the whole global batch), else
+        drawn from ``generator`` or the global RNG."""
         mu, logvar = self.encode(x)
         # Reparameterisation (Kingma & Welling 2014, sec. 2.4): z = mu + sigma * eps, eps ~ N(0,I)
-        if generator is None:
+        if eps is None and generator is None:
             eps = torch.randn_like(mu)  # the global RNG; also traceable by torch.compile
-        else:
+        elif eps is None:
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps
         return self.decode(z), mu, logvar

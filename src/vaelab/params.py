@@ -69,6 +69,9 @@ class TrainParams:
     # Linear KL annealing: the KL weight rises from 0 to loss.beta over this many epochs, step by
     # step. 0 = off. The logged */neg_elbo is always the true negative ELBO.
     kl_warmup_epochs: int = 0
+    # Processes for DistributedDataParallel on this machine (gloo on CPU, NCCL on CUDA, one GPU
+    # each); 1 = a plain single process. batch_size stays the global batch.
+    nproc: int = 1
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "train.kl_warmup_epochs": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.nproc": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024 (1 = no DDP)"),
     "train.lr": (lambda v: v > 0, "a number > 0"),
     "train.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
     "evaluate.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
@@ -242,6 +246,12 @@ def parse(raw: Any, path: Path = Path("params.yaml")) -> Params:
         raise VaelabError(
             f"{path}: 'model.hidden' is {list(params.model.hidden)} with 'model.arch' conv; the "
             "conv net takes 1 or 2 channel counts (28 -> 14 -> 7 pixels), e.g. [32, 64]."
+        )
+    if params.train.batch_size % params.train.nproc:
+        raise VaelabError(
+            f"{path}: 'train.batch_size' is {params.train.batch_size}, which does not divide "
+            f"among 'train.nproc' = {params.train.nproc} processes; batch_size is the global "
+            "batch. Choose a multiple of train.nproc."
         )
     if params.data.binarize != "none" and params.loss.likelihood != "bernoulli":
         raise VaelabError(

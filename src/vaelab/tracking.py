@@ -88,6 +88,24 @@ def _check_reachable(uri: str) -> None:
         ) from None
 
 
+def _create_experiment(client, experiment: str, location: str | None) -> str:  # noqa: ANN001
+    """Create the experiment; if another process created it since we looked (queued experiments
+    starting at once against a tracking server, which the SQLite file lock does not cover), use
+    that one. ``location`` None leaves the artifact root to the store (a server's proxied
+    ``mlflow-artifacts:/``)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        found = client.get_experiment_by_name(experiment)
+        if found is None or found.lifecycle_stage != "active":
+            raise
+        return found.experiment_id
+
+
 def connect(experiment: str):  # noqa: ANN201 - returns (MlflowClient, experiment id)
     """Open the store and get or create the experiment, under a file lock for SQLite stores:
     a brand-new SQLite store created by two processes at once breaks for good."""
@@ -109,7 +127,7 @@ def connect(experiment: str):  # noqa: ANN201 - returns (MlflowClient, experimen
                     # Fix the artifact root at the repository root: an experiment created inside a
                     # queued run would otherwise keep artifacts in its temp copy, deleted later.
                     location = (project_root() / DEFAULT_ARTIFACTS / experiment).as_uri()
-                experiment_id = client.create_experiment(experiment, artifact_location=location)
+                experiment_id = _create_experiment(client, experiment, location)
             elif found.lifecycle_stage != "active":
                 raise VaelabError(
                     f"MLflow experiment '{experiment}' is deleted in {uri}. Restore it in the UI, "
@@ -219,6 +237,7 @@ def training_run(
     params_file: Path,
     resume_run_id: str | None = None,
     history: list[dict] = (),
+    world_size: int = 1,
 ) -> Iterator[TrainingRun]:
     """Open the train stage's run with all params and tags; mark it FAILED on an exception
     (KILLED on Ctrl-C), with the reason as the ``vaelab.error`` tag.
@@ -242,6 +261,7 @@ def training_run(
         tags = context_tags(checksums, params, params_file) | {
             "device": str(device),
             "torch.version": torch.__version__,
+            "world_size": str(world_size),  # DDP processes (1: a single process)
         }
         run_name = os.environ.get("DVC_EXP_NAME") or None
         run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
@@ -338,7 +358,7 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
         # from the DVC outputs.
         carried = {}
         if source is not None:
-            carried = {k: source.data.tags[k] for k in ("device", "torch.version")
+            carried = {k: source.data.tags[k] for k in ("device", "torch.version", "world_size")
                        if k in source.data.tags}  # fmt: skip
         tags = (
             context_tags(checksums, params, outputs.params_file)

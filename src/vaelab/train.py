@@ -13,6 +13,8 @@ import io
 import json
 import math
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vaelab import distributed, tracking
 from vaelab import params as params_mod
-from vaelab import tracking
 from vaelab.data import (
     CHECKSUMS_FILE,
     atomic_write_bytes,
@@ -38,6 +40,7 @@ from vaelab.params import Params
 HISTORY_COLUMNS = (
     "epoch", "train/loss", "train/neg_elbo", "train/recon", "train/kl",
     "test/neg_elbo", "test/recon", "test/kl", "epoch_seconds", "images_per_second",
+    "train/images",
 )  # fmt: skip
 
 
@@ -59,22 +62,29 @@ def adam(model: VAE, lr: float) -> torch.optim.Adam:
 
 
 def make_train_step(
-    model: VAE, optimizer: torch.optim.Optimizer, likelihood: str, compile: bool
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One optimisation step on a batch x (B, 1, 28, 28) with KL weight ``kl_weight`` (a 0-dim
-    tensor on the device, so annealing never recompiles); returns the batch sums of
-    (loss, recon, kl) as a (3,) tensor on the device, so the caller never syncs with the host.
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, likelihood: str, compile: bool
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One optimisation step on a batch x (B, 1, 28, 28) with reparameterisation noise eps
+    (B, latent), KL weight ``kl_weight`` and gradient scale ``scale`` (0-dim tensors on the
+    device, so annealing never recompiles); returns the batch sums of (loss, recon, kl) as a (3,)
+    tensor on the device, so the caller never syncs with the host.
+
+    ``scale`` is 1 on one process. Under DDP, which averages the ranks' gradients, it is
+    B_rank * world / B_global, so the average is the gradient of the global batch's mean loss
+    even when the last batch splits unevenly.
 
     compile=True wraps it in ``torch.compile``: on CUDA in "reduce-overhead" mode (CUDA graphs,
     no kernel launch overhead per step), elsewhere in the default mode.
     """
 
-    def step(x: torch.Tensor, kl_weight: torch.Tensor) -> torch.Tensor:
-        logits, mu, logvar = model(x)
+    def step(
+        x: torch.Tensor, eps: torch.Tensor, kl_weight: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        logits, mu, logvar = model(x, eps=eps)
         terms = elbo_terms(x, logits, mu, logvar, likelihood)
-        loss = training_loss(terms, kl_weight)
+        loss = training_loss(terms, kl_weight)  # mean over this batch, nats per image
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale).backward()
         optimizer.step()
         return torch.stack([loss.detach() * len(x), terms.recon.detach().sum(),
                             terms.kl.detach().sum()])  # fmt: skip
@@ -87,11 +97,13 @@ def make_train_step(
     if not on_cuda:
         return compiled
 
-    def graphed_step(x: torch.Tensor, kl_weight: torch.Tensor) -> torch.Tensor:
+    def graphed_step(
+        x: torch.Tensor, eps: torch.Tensor, kl_weight: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
         # Each call is a new iteration: CUDA graphs may reuse the previous output's memory (the
         # caller has already added it to its sums).
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(x, kl_weight)
+        return compiled(x, eps, kl_weight, scale)
 
     return graphed_step
 
@@ -125,6 +137,7 @@ def train_model(
     resume: dict | None = None,
     on_state: Callable[[dict], None] = lambda state: None,
     stop_requested: Callable[[], bool] = lambda: False,
+    world: distributed.World = distributed.SINGLE_PROCESS,
 ) -> tuple[VAE, list[dict[str, float]]]:
     """Train on uint8 images (N, 28, 28); return the model and one history row per epoch.
 
@@ -135,6 +148,11 @@ def train_model(
     state) and then ``on_epoch`` the history row. Passing such a state as ``resume`` continues
     after its epoch exactly as the uninterrupted run would have. ``stop_requested`` is polled
     before every step; when it says so, training raises KeyboardInterrupt between two steps.
+
+    Under DDP (``world.size`` > 1) every rank draws the same permutation, binarisation and noise
+    for the whole global batch (``train.batch_size``) and trains on its slice of it, so the maths
+    is the single-process run's up to the order of float reductions. Epoch sums are all-reduced;
+    only rank 0 evaluates the test set and calls ``on_state``/``on_epoch``.
     """
     cfg = params.train
     n_images = len(train_images)
@@ -144,7 +162,14 @@ def train_model(
     # ModelParams' fields are VAE's constructor arguments.
     model = VAE(**dataclasses.asdict(params.model)).to(device)
     optimizer = adam(model, cfg.lr)
-    train_step = make_train_step(model, optimizer, params.loss.likelihood, cfg.compile)
+    trained = model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                          else None)  # fmt: skip
+    train_step = make_train_step(trained, optimizer, params.loss.likelihood, cfg.compile)
+    one = torch.ones((), device=device)
     binarize = params.data.binarize
     train_images = training_images(train_images, binarize).to(device)
     test_images = evaluation_images(test_images, binarize, "test").to(device)
@@ -165,6 +190,7 @@ def train_model(
         permutation = torch.randperm(n_images, generator=order, device=device)
         # Sums over images of (loss, recon, kl), kept on the device: no host sync per step.
         sums = torch.zeros(3, device=device)
+        local_images = 0  # images this rank trained on (all ranks together: the data set)
         # The first step whose loss was not finite (-1: none), also tracked on the device.
         first_bad_step = torch.tensor(-1, device=device)
         weights = kl_weights(params.loss.beta, cfg.kl_warmup_epochs, epoch, n_batches, device)
@@ -177,12 +203,27 @@ def train_model(
             x = images_to_float(train_images[index])  # (B, 1, 28, 28) in [0, 1]
             if binarize == "dynamic":
                 x = torch.bernoulli(x)  # a fresh binary sample each time an image is seen
-            batch_sums = train_step(x, weights[step])
+            eps = torch.randn((len(x), model.latent_dims), device=device)  # (B, latent)
+            scale = one
+            if world.size > 1:  # this rank's slice of the global batch
+                x = x.tensor_split(world.size)[world.rank]
+                eps = eps.tensor_split(world.size)[world.rank]
+                if len(x) * world.size != len(index):  # only a last, uneven batch
+                    scale = one * (len(x) * world.size / len(index))
+            batch_sums = train_step(x, eps, weights[step], scale)
+            local_images += len(x)
             sums += batch_sums
             bad = (first_bad_step < 0) & ~torch.isfinite(batch_sums[0])
             first_bad_step = torch.where(bad, step + 1, first_bad_step)
             if not bar.disable and step % 50 == 0:
                 bar.set_postfix(loss=f"{sums[0].item() / ((step + 1) * cfg.batch_size):.2f}")
+        if world.size > 1:
+            distributed.all_reduce(sums, world)
+            # The earliest bad step of any rank (none: a step number past the end).
+            first_bad_step = torch.where(first_bad_step < 0, n_batches + 1, first_bad_step)
+            distributed.all_reduce(first_bad_step, world, op="min")
+            first_bad_step = torch.where(first_bad_step > n_batches, -1, first_bad_step)
+        images = distributed.all_reduce(torch.tensor(local_images, device=device), world)
         loss_sum, recon_sum, kl_sum = (sums / n_images).tolist()  # one host sync per epoch
         seconds = time.perf_counter() - started
         if (bad_step := int(first_bad_step)) > 0 or not math.isfinite(loss_sum):
@@ -192,6 +233,8 @@ def train_model(
                 + (f"The checkpoint of epoch {epoch - 1} is kept. " if epoch > 1 else "")
                 + f"Lower train.lr (now {cfg.lr}) and run again."
             )
+        if not world.is_main:
+            continue  # rank 0 evaluates, logs and reports
         # The test-set ELBO uses its own seeded noise so evaluating never shifts training's RNG.
         noise = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
         test = dataset_elbo(model, test_images, params.loss.likelihood, noise)
@@ -206,6 +249,7 @@ def train_model(
             "test/kl": test["kl"],
             "epoch_seconds": seconds,
             "images_per_second": n_images / seconds,
+            "train/images": int(images),
         }
         history.append(row)
         on_state(
@@ -313,6 +357,11 @@ def main(argv: list[str] | None = None) -> None:
         "--checkpoint", type=Path, required=True, help="end-of-epoch state, for resuming"
     )
     args = parser.parse_args(argv)
+    params = params_mod.load(args.params)
+    world = distributed.from_env()
+    if params.train.nproc > 1 and world.size == 1:
+        launch_ddp(params.train.nproc, sys.argv[1:] if argv is None else list(argv))
+        return
     # Ctrl-C and SIGTERM only raise a flag that the loop reads between two steps: an exception
     # raised at an arbitrary point could land inside MLflow's or SQLite's code and be swallowed
     # there. A second signal stops at once.
@@ -320,17 +369,58 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, stop.request)
     signal.signal(signal.SIGTERM, stop.request)
 
-    params = params_mod.load(args.params)
     device = resolve_device(params.train.device)
     train_images, _ = load_split(args.data_dir, train=True)
     test_images, _ = load_split(args.data_dir, train=False)
     check_batch_size(params.train.batch_size, len(train_images))  # before touching the store
+    if world.size > 1:
+        device = distributed.start(world, device.type)
+        try:
+            if not world.is_main:  # the other ranks train; rank 0 writes and logs
+                train_model(params, train_images, test_images, device,
+                            stop_requested=stop.is_set, world=world)  # fmt: skip
+                return
+            train_and_record(args, params, device, train_images, test_images, stop, world)
+        finally:
+            distributed.stop(world)
+        return
+    train_and_record(args, params, device, train_images, test_images, stop, world)
+
+
+def launch_ddp(nproc: int, argv: list[str]) -> None:
+    """Run this command again as ``nproc`` DDP processes under torchrun; signals are passed on."""
+    command = distributed.launch_command(nproc, argv)
+    print(f"train: {nproc} processes: {' '.join(command[1:])}", flush=True)
+    launcher = subprocess.Popen(command)
+    forward = lambda signum, frame: launcher.send_signal(signum)  # noqa: E731
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    if (code := launcher.wait()) != 0:
+        raise VaelabError(f"the {nproc} training processes failed (torchrun exit code {code}); "
+                          "their messages are above.")  # fmt: skip
+
+
+def train_and_record(
+    args: argparse.Namespace,
+    params: Params,
+    device: torch.device,
+    train_images: torch.Tensor,
+    test_images: torch.Tensor,
+    stop: StopFlag,
+    world: distributed.World,
+) -> None:
+    """Rank 0's part (the only part without DDP): train with checkpoints (single process only),
+    log to MLflow, write the model, history and run info."""
     checksums = json.loads((args.data_dir / CHECKSUMS_FILE).read_text())
-    print(f"train: {len(train_images)} images on {device}, {params.train.epochs} epochs")
+    print(f"train: {len(train_images)} images on {device}, {params.train.epochs} epochs"
+          + (f", {world.size} DDP processes" if world.size > 1 else ""))  # fmt: skip
 
     config = training_config(params, device)
     data_md5 = {name: entry["md5"] for name, entry in checksums["files"].items()}
-    resume, why_fresh = load_checkpoint(args.checkpoint, config, data_md5)
+    # Checkpoints hold one process's RNG states, so DDP runs neither write nor resume them.
+    checkpoints = world.size == 1
+    resume, why_fresh = load_checkpoint(args.checkpoint, config, data_md5) if checkpoints else (
+        None, "")  # fmt: skip
     if resume:
         print(f"train: resuming after epoch {resume['epoch']} from {args.checkpoint}")
     elif why_fresh:
@@ -339,20 +429,20 @@ def main(argv: list[str] | None = None) -> None:
     resume_run = resume["run_id"] if resume else None
     try:
         with tracking.training_run(
-            params, checksums, device, args.params, resume_run, history
+            params, checksums, device, args.params, resume_run, history, world.size
         ) as run:
 
             def on_state(state: dict) -> None:
-                save_checkpoint(args.checkpoint, state, config, data_md5, run.run_id)
+                if checkpoints:
+                    save_checkpoint(args.checkpoint, state, config, data_md5, run.run_id)
 
             def on_epoch(row: dict[str, float]) -> None:
                 history.append(row)
                 write_history(args.history, history)
                 run.log_epoch(row)
 
-            model, _ = train_model(
-                params, train_images, test_images, device, on_epoch, resume, on_state, stop.is_set
-            )
+            model, _ = train_model(params, train_images, test_images, device, on_epoch, resume,
+                                   on_state, stop.is_set, world)  # fmt: skip
             write_history(args.history, history)  # also when a resume had no epoch left to run
             save(model, args.model)
             info = {"run_id": run.run_id, "experiment": params.mlflow.experiment}
