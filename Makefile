@@ -46,13 +46,16 @@ compare: $(VENV)/.installed
 SWEEP_KEY    ?= model.latent_dims
 SWEEP_VALUES ?= 2,5,10,20
 SWEEP_JOBS   ?= 2
+# Torch threads per worker: the cores shared out (torch's default, all cores each, oversubscribes).
+SWEEP_THREADS = $(shell $(PYTHON) -c "import os; print(max(1, os.cpu_count() // $(SWEEP_JOBS)))")
 ifndef SWEEP_NAME  # the sweep tag of its runs; := so it is computed once
 SWEEP_NAME := $(lastword $(subst ., ,$(SWEEP_KEY)))-$(shell date +%Y%m%d-%H%M%S)
 endif
 sweep: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --queue \
 		-S '$(SWEEP_KEY)=$(SWEEP_VALUES)' -S 'mlflow.sweep=$(SWEEP_NAME)'
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc queue start -j $(SWEEP_JOBS)
+	OMP_NUM_THREADS=$(SWEEP_THREADS) PATH="$(CURDIR)/$(BIN):$$PATH" \
+		$(BIN)/dvc queue start -j $(SWEEP_JOBS)
 	@echo "waiting for the queue (dvc queue status / dvc queue logs NAME in another shell)"
 	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
 	$(BIN)/dvc queue status
