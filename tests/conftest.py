@@ -85,3 +85,21 @@ def tiny_params() -> params_mod.Params:
     for section, values in TINY.items():
         raw[section].update(values)
     return params_mod.parse(raw)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):  # noqa: ANN201 - a tests.tracking_server.TrackingServer
+    """One real `mlflow server` for the whole session (see tests/tracking_server.py)."""
+    from tests.tracking_server import running_server
+
+    with running_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def filled_server(tracking_server, tmp_path_factory):  # noqa: ANN001, ANN201
+    """The server after `dvc repro` and one `dvc exp run` of a fake-MNIST repository logged to
+    it: two complete runs (a tests.tracking_server.FilledStore)."""
+    from tests.tracking_server import fill
+
+    return fill(tracking_server, tmp_path_factory.mktemp("remote-pipeline"))

@@ -469,6 +469,11 @@ def ui_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        # `mlflow ui` serves a store and fails on a server's http URI; a server has its own UI.
+        print(f"MLFLOW_TRACKING_URI is the tracking server {uri}: open it in a browser for its "
+              "runs. Serving this project's local store here.", flush=True)  # fmt: skip
+        uri = f"sqlite:///{project_root() / DEFAULT_STORE}"
     print(f"MLflow UI for {uri} on http://{args.host}:{args.port}", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", args.host, "--port", str(args.port)]  # fmt: skip

@@ -1,0 +1,142 @@
+"""The pipeline against a real remote tracking server (``mlflow server``, SQLite backend, proxied
+artifacts), read back over the REST API with urllib only, as any client of the server would.
+
+The server and its two runs (`dvc repro`, then `dvc exp run -n eval-seed-1 -S evaluate.seed=1`)
+are the session fixtures ``tracking_server`` and ``filled_server`` (conftest.py,
+tests/tracking_server.py), shared with test_ui_browser.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_pipeline import EVAL_METRICS, EXPERIMENT, PER_EPOCH
+from vaelab import params as params_mod
+from vaelab import tracking
+from vaelab.data import md5_of
+from vaelab.plot import FIGURES
+
+
+def _artifact_files(store, run: dict, folder: str) -> dict[str, int]:
+    """{path: size} of the run's artifacts in ``folder``, as the server lists them."""
+    listed = store.server.get("artifacts/list", run_id=run["info"]["run_id"], path=folder)
+    return {entry["path"]: entry["file_size"] for entry in listed.get("files", [])}
+
+
+def _on_disk(store, run: dict) -> Path:
+    """Where the server keeps a run's proxied artifacts: mlflow-artifacts:/<x> is
+    <--artifacts-destination>/<x>."""
+    uri = run["info"]["artifact_uri"]
+    assert uri.startswith("mlflow-artifacts:/"), uri  # proxied through the server
+    return store.server.artifacts / uri.removeprefix("mlflow-artifacts:/").lstrip("/")
+
+
+def test_the_experiment_is_created_with_the_servers_artifact_root(filled_server):
+    found = filled_server.server.get("experiments/get-by-name", experiment_name=EXPERIMENT)
+    experiment = found["experiment"]
+    # Not the repository's mlartifacts/: the local-store artifact root is only for sqlite.
+    assert experiment["artifact_location"] == f"mlflow-artifacts:/{experiment['experiment_id']}"
+    assert experiment["lifecycle_stage"] == "active"
+
+
+def test_two_finished_runs_with_every_param(filled_server):
+    runs = filled_server.runs
+    assert [r["info"]["status"] for r in runs] == ["FINISHED", "FINISHED"], runs
+    first, second = runs
+    assert second["info"]["run_name"] == "eval-seed-1"
+    tags = {t["key"]: t["value"] for t in second["data"]["tags"]}
+    # Train was skipped for the second run, so record rebuilt it from the DVC outputs.
+    assert tags["dvc.exp_name"] == "eval-seed-1"
+    assert tags["vaelab.source_run_id"] == first["info"]["run_id"]
+    for run, params_file in zip(runs, filled_server.params_files, strict=True):
+        expected = {k: str(v) for k, v in params_mod.flatten(params_mod.load(params_file)).items()}
+        got = {p["key"]: p["value"] for p in run["data"].get("params", [])}
+        assert len(got) == len(expected)
+        assert got == expected
+    seeds = [{p["key"]: p["value"] for p in r["data"]["params"]}["evaluate.seed"] for r in runs]
+    assert seeds == ["0", "1"]
+
+
+def test_each_run_has_one_value_per_epoch_and_the_eval_metrics(filled_server):
+    server = filled_server.server
+    for run, params_file in zip(filled_server.runs, filled_server.params_files, strict=True):
+        run_id = run["info"]["run_id"]
+        epochs = params_mod.load(params_file).train.epochs
+        for key in PER_EPOCH:
+            history = server.get("metrics/get-history", run_id=run_id, metric_key=key)
+            steps = sorted(m["step"] for m in history.get("metrics", []))
+            assert steps == list(range(1, epochs + 1)), (run_id, key, steps)
+        latest = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        missing = [key for key in EVAL_METRICS if key not in latest]
+        assert not missing, missing
+        assert latest["eval/test/neg_elbo"] > 0
+
+
+def test_artifacts_land_under_the_servers_artifacts_destination(filled_server):
+    for run in filled_server.runs:
+        root = _on_disk(filled_server, run)
+        assert root.is_relative_to(filled_server.server.artifacts)
+        figures = _artifact_files(filled_server, run, "figures")
+        assert set(figures) == {f"figures/{name}" for name in FIGURES}
+        model = _artifact_files(filled_server, run, "model")
+        assert list(model) == ["model/vae.pt"]
+        for path, size in (figures | model).items():
+            assert (root / path).stat().st_size == size > 0, path
+    # The latest run's files are the bytes the workspace holds now (`dvc exp run` applied them).
+    latest = _on_disk(filled_server, filled_server.runs[-1])
+    repo = filled_server.repo
+    pairs = [(latest / "model" / "vae.pt", repo / "models" / "vae.pt")]
+    pairs += [(latest / "figures" / name, repo / "reports" / "figures" / name) for name in FIGURES]
+    for stored, local in pairs:
+        assert md5_of(stored) == md5_of(local), stored
+
+
+def test_nothing_is_written_to_the_repositorys_own_store(filled_server):
+    repo = filled_server.repo
+    for name in ("mlflow.db", "mlflow.db.lock", "mlartifacts", "mlruns"):
+        assert not (repo / name).exists(), name
+    assert (filled_server.server.folder / "mlflow.db").stat().st_size > 0
+
+
+def test_an_experiment_created_meanwhile_by_another_process_is_used(tracking_server, monkeypatch):
+    """Two queued experiments starting at once on a fresh server both find no experiment and
+    both create it; the loser must use the winner's, not fail (the SQLite lock does not apply)."""
+    from mlflow.tracking import MlflowClient
+
+    name = "created-meanwhile"
+    created = tracking_server.post("experiments/create", {"name": name})["experiment_id"]
+    lookup = MlflowClient.get_experiment_by_name
+    calls = []
+
+    def not_there_yet(self, experiment_name):  # noqa: ANN001, ANN202 - the first lookup misses it
+        calls.append(experiment_name)
+        return None if len(calls) == 1 else lookup(self, experiment_name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", not_there_yet)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    _, experiment_id = tracking.connect(name)
+    assert experiment_id == created
+    assert calls == [name, name]
+
+
+def test_make_ui_serves_the_local_store_when_the_uri_is_a_server(tmp_path, monkeypatch, capsys):
+    """`mlflow ui --backend-store-uri http://...` fails with a traceback; `make ui` serves the
+    project's mlflow.db instead and says where the server's runs are."""
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    executed = []
+
+    def exec_instead(path, argv):  # noqa: ANN001, ANN202 - stands in for os.execv
+        executed.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(tracking.os, "execv", exec_instead)
+    with pytest.raises(SystemExit):
+        tracking.ui_main(["--port", "5998"])
+    (argv,) = executed
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert "tracking server http://127.0.0.1:5999" in capsys.readouterr().out

@@ -1,0 +1,192 @@
+"""The MLflow UI in a real headless Chromium (Python playwright driving Debian's chromium), on
+the server and two runs of test_remote_tracking.py (the session fixture ``filled_server``).
+
+Skips with the reason when playwright or a chromium executable is missing; `.ci/run` installs
+both, so CI runs it. Screenshots go to the test's tmp_path (paths printed; pytest -s or -rP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from vaelab import params as params_mod
+
+UI_TIMEOUT_MS = 60_000  # the first page load compiles the UI's JS bundle: slow on 2 busy cores
+
+
+def find_chromium() -> str | None:
+    """Debian's real binary first (/usr/bin/chromium is a shell wrapper around it)."""
+    if os.access("/usr/lib/chromium/chromium", os.X_OK):
+        return "/usr/lib/chromium/chromium"
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+CHROMIUM = find_chromium()
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="no chromium executable (apt-get install chromium)"
+    ),
+]
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
+)
+
+
+def compare_url(base: str, run_ids: list[str], experiment_id: str) -> str:
+    """MLflow 3's compare view, as its Compare button opens it:
+    #/compare-runs?runs=["<id>",...]&experiments=["<id>"] (JSON lists, URL-quoted)."""
+    runs = urllib.parse.quote(json.dumps(run_ids, separators=(",", ":")))
+    experiments = urllib.parse.quote(json.dumps([experiment_id], separators=(",", ":")))
+    return f"{base}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def latest_metric(run: dict, key: str) -> float:
+    return next(m["value"] for m in run["data"]["metrics"] if m["key"] == key)
+
+
+def _within(inner: dict | None, outer: dict | None) -> bool:
+    return bool(inner and outer) and (
+        outer["y"] - 1 <= inner["y"]
+        and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 1
+    )
+
+
+def _scroll_metrics(page, names, values, y: int) -> None:  # noqa: ANN001 - playwright handles
+    """Scroll the compare view's metric values to y and wait until the names follow.
+
+    MLflow 3.17.2 moves the names grid from the values grid's scroll handler with the position
+    the values grid held *before* that event, so the names lag one scroll behind (after a single
+    scroll to y they stay at the old position; with a mouse wheel the rows end up misaligned by
+    the last step). Two scroll events, to a neighbouring pixel and then to y, leave them within a
+    pixel."""
+    for _ in range(3):
+        values.evaluate(
+            """async (grid, y) => {
+                const frame = () => new Promise(done => requestAnimationFrame(done));
+                const frames = async () => { await frame(); await frame(); };
+                grid.scrollTop = y > 0 ? y - 1 : 1; await frames();
+                grid.scrollTop = y; await frames();
+            }""",
+            y,
+        )
+        try:
+            page.wait_for_function(
+                "([names, values]) => Math.abs(names.scrollTop - values.scrollTop) <= 1",
+                arg=[names, values],
+                timeout=5_000,
+            )
+            return
+        except sync_api.TimeoutError:
+            continue
+    raise AssertionError(f"the metric names did not follow the values to {y}px")
+
+
+def metric_values(page, name: str) -> list[str]:  # noqa: ANN001 - a playwright Page
+    """The texts of the value cells on the line of metric ``name`` in the compare view, left to
+    right, once that line is really in view.
+
+    MLflow draws the metrics as two virtualized grids: the names (overflow hidden) and the values
+    (the one that scrolls), which the names grid follows. A row far down is not in the DOM until
+    scrolled to, and a rendered row may still be clipped, so scroll from the top, half a grid at a
+    time, until the name lies inside the names grid's box."""
+    grids = page.locator(".ReactVirtualized__Grid")
+    scrolls = grids.evaluate_all("gs => gs.map(g => getComputedStyle(g).overflowY !== 'hidden')")
+    assert sorted(scrolls) == [False, True], f"expected a names and a values grid: {scrolls}"
+    names = grids.nth(scrolls.index(False)).element_handle()
+    values = grids.nth(scrolls.index(True)).element_handle()
+    label = page.locator(".ReactVirtualized__Grid").get_by_text(name, exact=True)
+    names.scroll_into_view_if_needed()
+    _scroll_metrics(page, names, values, 0)
+    while not (label.count() == 1 and _within(label.bounding_box(), names.bounding_box())):
+        top, end, step = values.evaluate(
+            "g => [g.scrollTop, g.scrollHeight - g.clientHeight, Math.floor(g.clientHeight / 2)]"
+        )
+        assert top < end, f"metric {name!r} not found in the compare view's metrics grid"
+        _scroll_metrics(page, names, values, min(top + step, end))
+    row = label.bounding_box()
+    middle = row["y"] + row["height"] / 2
+    cells = values.evaluate(
+        """(grid, middle) => Array.from(grid.querySelectorAll('*'))
+            .filter(e => e.children.length === 0 && e.innerText.trim())
+            .map(e => [e.getBoundingClientRect(), e.innerText.trim()])
+            .filter(([box]) => Math.abs(box.y + box.height / 2 - middle) < box.height)
+            .sort(([a], [b]) => a.x - b.x)
+            .map(([, text]) => text)""",
+        middle,
+    )
+    return cells
+
+
+def test_runs_and_their_comparison_render_in_chromium(filled_server, tmp_path: Path):
+    server, runs = filled_server.server, filled_server.runs
+    # Through REST first: what the pages must show is there.
+    assert [r["info"]["status"] for r in runs] == ["FINISHED", "FINISHED"]
+    names = [r["info"]["run_name"] for r in runs]
+    ids = [r["info"]["run_id"] for r in runs]
+    for run_id, params_file in zip(ids, filled_server.params_files, strict=True):
+        history = server.get("metrics/get-history", run_id=run_id, metric_key="test/neg_elbo")
+        assert len(history["metrics"]) == params_mod.load(params_file).train.epochs
+
+    expect = sync_api.expect
+    screenshots = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+
+            def shoot(name: str) -> None:
+                path = tmp_path / f"{name}.png"
+                page.screenshot(path=path, full_page=True)
+                screenshots.append(path)
+                print(f"screenshot: {path}")
+
+            # The experiment's runs table (its bare URL opens the GenAI overview in MLflow 3).
+            page.goto(f"{server.url}/#/experiments/{filled_server.experiment_id}/runs")
+            try:
+                for name in names:
+                    expect(page.get_by_role("link", name=name, exact=True)).to_be_visible(
+                        timeout=UI_TIMEOUT_MS
+                    )
+                expect(page.get_by_text("2 matching runs")).to_be_visible()
+            finally:
+                shoot("experiment_runs")
+
+            page.goto(compare_url(server.url, ids, filled_server.experiment_id))
+            try:
+                expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible(
+                    timeout=UI_TIMEOUT_MS
+                )
+                for name in names:
+                    expect(page.get_by_text(name, exact=True).first).to_be_visible()
+                # The params table: evaluate.seed is 0 for the first run, 1 for eval-seed-1
+                # (the columns follow the order of the URL's run ids).
+                seed_row = page.locator("tr").filter(
+                    has=page.get_by_text("evaluate.seed", exact=True)
+                )
+                expect(seed_row).to_have_count(1)
+                cells = [c.strip() for c in seed_row.locator("td").all_inner_texts()]
+                assert cells[-2:] == ["0", "1"], cells
+                expect(page.get_by_text("model.latent_dims", exact=True)).to_be_visible()
+                # Metrics with each run's value: a per-epoch one far down the grid (the same for
+                # both runs: one training) and an evaluation one that the seed changes.
+                for metric in ("test/neg_elbo", "eval/test/neg_elbo"):
+                    shown = [float(text) for text in metric_values(page, metric)]
+                    latest = [latest_metric(run, metric) for run in runs]
+                    assert shown == pytest.approx(latest, rel=2e-3), (metric, shown, latest)
+                evaluated = [latest_metric(run, "eval/test/neg_elbo") for run in runs]
+                assert evaluated[0] != evaluated[1]  # so the columns' order is checked too
+            finally:
+                shoot("compare_runs")
+        finally:
+            browser.close()
+    assert all(path.stat().st_size > 10_000 for path in screenshots), screenshots

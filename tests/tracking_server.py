@@ -1,0 +1,162 @@
+"""A real ``mlflow server`` (SQLite backend, proxied artifacts in a temporary folder) and the real
+pipeline run against it, shared by test_remote_tracking.py and test_ui_browser.py.
+
+The fixtures that use these live in conftest.py with session scope, so a test session pays for
+one server start and one fill (`dvc repro` + one `dvc exp run`): 14 + 36 + 17 s on 2 cores busy
+with another training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.test_pipeline import EXPERIMENT, _env, make_repo
+
+START_TIMEOUT_S = 180  # ~15 s idle, ~35 s seen with two trainings running beside it
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    url: str  # http://127.0.0.1:<port>
+    folder: Path  # holds mlflow.db, artifacts/ and server.log
+
+    @property
+    def artifacts(self) -> Path:
+        return self.folder / "artifacts"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "server.log"
+
+    def get(self, endpoint: str, **query: str) -> dict:
+        """GET /api/2.0/mlflow/<endpoint>?<query> -> the JSON answer."""
+        address = f"{self.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(address, timeout=30) as answer:
+            return json.load(answer)
+
+    def post(self, endpoint: str, payload: dict) -> dict:
+        """POST /api/2.0/mlflow/<endpoint> with a JSON body -> the JSON answer."""
+        request = urllib.request.Request(
+            f"{self.url}/api/2.0/mlflow/{endpoint}",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.load(answer)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole process group (uvicorn workers, the job runner), then
+    SIGKILL to whatever is left of it after 15 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def running_server(folder: Path) -> Iterator[TrackingServer]:
+    """``mlflow server`` on a free port of 127.0.0.1, answering REST calls; stopped on exit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = TrackingServer(f"http://127.0.0.1:{port}", folder)
+    mlflow = Path(sys.executable).parent / "mlflow"
+    # One worker: the default four take longer to start on 2 cores and tests need no more.
+    command = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--artifacts-destination", str(server.artifacts),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # No job runner: it starts eight more Python processes (huey consumers for GenAI jobs such
+    # as judges and trace roll-ups) that cost CPU here and ~6 s to stop; runs do not use them.
+    env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with server.log.open("wb") as log:
+        # Its own session: the server forks workers, and the whole group is stopped at the end.
+        process = subprocess.Popen(command, cwd=folder, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow server exited with {process.returncode}:\n"
+                            f"{server.log.read_text()[-5000:]}")  # fmt: skip
+            try:
+                server.get("experiments/search", max_results="1")
+                break
+            except (OSError, ValueError):  # refused, reset, 5xx while starting
+                if time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not answer in {START_TIMEOUT_S} s:\n"
+                                f"{server.log.read_text()[-5000:]}")  # fmt: skip
+                time.sleep(0.5)
+        yield server
+    finally:
+        _stop(process)
+
+
+@dataclass(frozen=True)
+class FilledStore:
+    """The server after the pipeline ran twice against it."""
+
+    server: TrackingServer
+    repo: Path
+    experiment_id: str
+    runs: list[dict]  # the REST run objects, oldest first
+    params_files: list[Path]  # params.yaml as each run saw it, same order
+
+
+def pipeline(repo: Path, server: TrackingServer, *cmd: str) -> str:
+    """Run a command in ``repo`` with the test environment pointed at the server."""
+    env = _env(repo) | {"MLFLOW_TRACKING_URI": server.url}
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output}\n{server.log.read_text()}"
+    return output
+
+
+def fill(server: TrackingServer, folder: Path) -> FilledStore:
+    """`dvc repro`, then `dvc exp run -n eval-seed-1 -S evaluate.seed=1`, in a fresh repository.
+
+    The first run is the train run that ``record`` completes; the second reuses the model (train
+    is skipped), so ``record`` rebuilds a run from the DVC outputs: both ways a run gets to the
+    server, and a second training would cost ~20 s more."""
+    repo = make_repo(folder / "repo")
+    snapshots = folder / "params"
+    snapshots.mkdir()
+    params_files = []
+    commands = {
+        "repro": ["dvc", "repro"],
+        "eval-seed-1": ["dvc", "exp", "run", "-n", "eval-seed-1", "-S", "evaluate.seed=1"],
+    }
+    for name, cmd in commands.items():
+        pipeline(repo, server, *cmd)
+        # `dvc exp run` applies its result to the workspace, so params.yaml is that run's now.
+        params_files.append(Path(shutil.copy2(repo / "params.yaml", snapshots / f"{name}.yaml")))
+    experiment = server.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    found = server.post("runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                        "order_by": ["attributes.start_time ASC"]})  # fmt: skip
+    return FilledStore(server, repo, experiment["experiment_id"], found.get("runs", []),
+                       params_files)  # fmt: skip
