@@ -126,14 +126,21 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def plot_curves(table: pd.DataFrame, path: Path) -> None:
+def _label(row: pd.Series, params: list[str]) -> str:
+    """The run's name and the values of the varying params (at most three)."""
+    name = row["run"] or row["run_id"][:8]
+    values = ", ".join(f"{p.split('.')[-1]}={row[p]}" for p in params[:3])
+    return f"{name} ({values})" if values else name
+
+
+def plot_curves(table: pd.DataFrame, params: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for _, row in table.iterrows():
         history = tracking.metric_history(row["run_id"], CURVE_METRIC)
         if history:
-            ax.plot(*zip(*history, strict=True), marker=".", label=row["run"] or row["run_id"][:8])
+            ax.plot(*zip(*history, strict=True), marker=".", label=_label(row, params))
     ax.set(xlabel="epoch", ylabel=f"{CURVE_METRIC} (nats/image)", title="Test negative ELBO")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
@@ -157,6 +164,10 @@ def plot_against_params(table: pd.DataFrame, params: list[str], metric: str, fol
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log")
+            ax.minorticks_off()
+        values = sorted(set(xs))
+        if len(values) <= 12:  # label the values the runs have, not powers of ten
+            ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.set(xlabel=name, ylabel=metric, title=f"{metric} vs {name}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -167,7 +178,7 @@ def plot_against_params(table: pd.DataFrame, params: list[str], metric: str, fol
     return written
 
 
-def plot_latents(table: pd.DataFrame, path: Path) -> None:
+def plot_latents(table: pd.DataFrame, params: list[str], path: Path) -> None:
     """Each run's logged figures/latent_scatter.png, side by side (a gap says it is missing)."""
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
@@ -184,7 +195,7 @@ def plot_latents(table: pd.DataFrame, path: Path) -> None:
                 ax.imshow(mpimg.imread(local))
             else:
                 ax.text(0.5, 0.5, "no latent_scatter.png", ha="center", va="center")
-            ax.set_title(row["run"] or row["run_id"][:8], fontsize=10)
+            ax.set_title(_label(row, params), fontsize=10)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -224,10 +235,10 @@ def compare(
     csv_path = report.with_suffix(".csv")
     table.to_csv(csv_path, index=False)
     files = [report, csv_path, figures / "comparison_curves.png"]
-    plot_curves(table, files[-1])
+    plot_curves(table, varying, files[-1])
     files += plot_against_params(table, varying, metric, figures)
     files.append(figures / "comparison_latents.png")
-    plot_latents(table, files[-1])
+    plot_latents(table, varying, files[-1])
     if log:
         run_id = tracking.log_comparison(experiment, files, list(table["run_id"]))
         print(f"compare: logged to MLflow run {run_id} (artifacts under comparison/)")
