@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5000
-COMMA  := ,
 
 .PHONY: repro test ui bench compare sweep preset lint clean-venv
 
@@ -52,21 +51,21 @@ ifndef SWEEP_NAME  # the sweep tag of its runs; := so it is computed once
 SWEEP_NAME := $(lastword $(subst ., ,$(SWEEP_KEY)))-$(shell date +%Y%m%d-%H%M%S)
 endif
 sweep: $(VENV)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --queue \
-		-S '$(SWEEP_KEY)=$(SWEEP_VALUES)' -S 'mlflow.sweep=$(SWEEP_NAME)'
-	OMP_NUM_THREADS=$(SWEEP_THREADS) PATH="$(CURDIR)/$(BIN):$$PATH" \
-		$(BIN)/dvc queue start -j $(SWEEP_JOBS)
-	@echo "waiting for the queue (dvc queue status / dvc queue logs NAME in another shell)"
-	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
-	$(BIN)/dvc queue status
-	$(BIN)/python -m vaelab.compare --params params.yaml --report reports/comparison.md \
+	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	queued=$$(dvc exp run --queue -S '$(SWEEP_KEY)=$(SWEEP_VALUES)' \
+		-S 'mlflow.sweep=$(SWEEP_NAME)' | tee /dev/stderr | grep -c '^Queued experiment'); \
+	OMP_NUM_THREADS=$(SWEEP_THREADS) dvc queue start -j $(SWEEP_JOBS); \
+	echo "waiting for $$queued experiments (dvc queue status / dvc queue logs NAME elsewhere)"; \
+	while dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done; \
+	dvc queue status; \
+	python -m vaelab.compare --params params.yaml --report reports/comparison.md \
 		--figures reports/comparison --filter "tags.sweep = '$(SWEEP_NAME)'" \
-		--expect-runs $(words $(subst $(COMMA), ,$(SWEEP_VALUES)))
+		--expect-runs $$queued
 
 # Run a preset (presets/*.yaml) as a DVC experiment: make preset PRESET=bernoulli-2d
 PRESET ?= tutorial
 preset: $(VENV)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m vaelab.presets --dir presets $(PRESET)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m vaelab.presets --dir presets --params params.yaml $(PRESET)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests

@@ -36,6 +36,7 @@ def store(tmp_path, monkeypatch):
         for epoch in (1, 2):
             metrics += [Metric("test/neg_elbo", neg_elbo + 2 - epoch, 0, epoch),
                         Metric("train/neg_elbo", neg_elbo + 3 - epoch, 0, epoch),
+                        Metric("train/loss", neg_elbo + 2.5 - epoch, 0, epoch),
                         Metric("epoch_seconds", 1.0 + epoch, 0, epoch)]  # fmt: skip
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], metrics=metrics)
         client.log_artifact(run_id, str(scatter), "figures")
@@ -86,6 +87,11 @@ def test_run_ids_descending_and_errors(store):
     rows = list(csv.DictReader(report.with_suffix(".csv").open()))
     assert sorted(r["run_id"] for r in rows) == sorted(ids)
     assert float(rows[0]["eval/latent/active_units"]) >= float(rows[1]["eval/latent/active_units"])
+    # A metric outside the table's usual columns ranks too, and is shown.
+    compare.compare("vaelab", report, store / "f", metric="train/loss", log=False)
+    rows = list(csv.DictReader(report.with_suffix(".csv").open()))
+    assert [r["run"] for r in rows] == ["z5", "z10", "z2"]
+    assert [float(r["train/loss"]) for r in rows] == [25.5, 26.5, 30.5]
     with pytest.raises(
         VaelabError, match="no selected run has the metric 'nll'.*eval/test_iw/nll"
     ):

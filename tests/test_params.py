@@ -56,7 +56,7 @@ BAD = [
     ("model", "hidden_dims", 512, ["unknown key 'model.hidden_dims'", "Did you mean 'hidden'"]),
     ("model", "hidden", 512, ["'model.hidden'", "a list, e.g. [200, 200]"]),
     ("model", "hidden", [], ["'model.hidden'", "one or more integers"]),
-    ("model", "hidden", [200, 0], ["'model.hidden'", "integers >= 1"]),
+    ("model", "hidden", [200, 0], ["'model.hidden'", "integers from 1 to 65536"]),
     ("model", "hidden", [200, 2.5], ["'model.hidden[1]'", "an integer"]),
     ("model", "arch", "cnn", ["'model.arch'", "'mlp', 'conv'"]),
     ("model", "activation", "gelu", ["'model.activation'", "'relu', 'tanh'"]),

@@ -191,7 +191,8 @@ def test_a_preset_runs_as_a_named_experiment(repo):
     """The iwae-benchmark preset (a list value, a string, ints) through DVC's -S and back; also
     the Bernoulli path end to end: dynamic binarisation, with KL warm-up."""
     count = len(runs(repo))
-    preset = [sys.executable, "-m", "vaelab.presets", "--dir", "presets", "iwae-benchmark"]
+    preset = [sys.executable, "-m", "vaelab.presets", "--dir", "presets", "--params",
+              "params.yaml", "iwae-benchmark"]  # fmt: skip
     output = run(repo, *preset, "-S", "train.epochs=1", "-S", "evaluate.iw_samples=10",
                  "-S", "train.kl_warmup_epochs=1")  # fmt: skip
     assert "-S 'model.hidden=[200,200]'" in output

@@ -81,6 +81,6 @@ def test_dry_run_prints_the_command_and_unknown_presets_fail(capsys):
         "dvc exp run -n tutorial-exact -S loss.beta=0.015625 --queue"
     )
     with pytest.raises(SystemExit) as exit_info:
-        presets.main(["--dir", str(PRESETS), "iwae"])
+        presets.main(["--dir", str(PRESETS), "--params", str(PROJECT / "params.yaml"), "iwae"])
     assert exit_info.value.code == 2
     assert "no preset 'iwae'" in capsys.readouterr().err

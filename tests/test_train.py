@@ -154,7 +154,7 @@ def test_dynamic_binarization_changes_between_epochs_and_the_test_set_does_not(
     seen = []
 
     def recording_step_factory(model, optimizer, likelihood, compile):
-        def step(x, eps, kl_weight, scale):
+        def step(x, eps, kl_weight, divisor):
             seen.append(x.clone())
             return torch.zeros(3)
 

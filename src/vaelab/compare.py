@@ -33,8 +33,10 @@ from vaelab.errors import VaelabError, run_stage
 
 # Per-epoch metrics (their last value is the final one) and evaluation metrics, in table order;
 # a column appears only when some selected run has it.
-METRIC_PREFIXES = ("train/neg_elbo", "test/neg_elbo", "test/recon", "test/kl", "eval/test_iw/",
-                   "eval/latent/active_units", "eval/latent/probe_accuracy")  # fmt: skip
+# (The ranking metric is always shown too.)
+METRIC_PREFIXES = ("train/neg_elbo", "test/neg_elbo", "test/recon", "test/kl", "eval/test/",
+                   "eval/test_iw/", "eval/latent/active_units",
+                   "eval/latent/probe_accuracy")  # fmt: skip
 CURVE_METRIC = "test/neg_elbo"
 DEFAULT_METRIC = "eval/test_iw/nll"
 
@@ -52,9 +54,9 @@ def varying_and_constant(runs: pd.DataFrame) -> tuple[list[str], dict[str, str]]
     return varying, constant
 
 
-def metric_columns(runs: pd.DataFrame) -> list[str]:
+def metric_columns(runs: pd.DataFrame, metric: str | None = None) -> list[str]:
     present = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
-    chosen = []
+    chosen = [metric] if metric in present else []
     for prefix in METRIC_PREFIXES:
         chosen += sorted(m for m in present if m.startswith(prefix) and m not in chosen
                          and runs[f"metrics.{m}"].notna().any())  # fmt: skip
@@ -72,7 +74,8 @@ def _number(text: str) -> float | None:
 def build_table(runs: pd.DataFrame, metric: str, descending: bool) -> tuple[pd.DataFrame, dict]:
     """The comparison table (one row per run, sorted by ``metric``) and the constant params."""
     if f"metrics.{metric}" not in runs.columns or runs[f"metrics.{metric}"].isna().all():
-        available = ", ".join(metric_columns(runs)) or "none"
+        available = ", ".join(sorted(c.removeprefix("metrics.") for c in runs.columns
+                                     if c.startswith("metrics."))) or "none"  # fmt: skip
         raise VaelabError(
             f"no selected run has the metric '{metric}'; choose --metric from: {available}."
         )
@@ -89,7 +92,7 @@ def build_table(runs: pd.DataFrame, metric: str, descending: bool) -> tuple[pd.D
     })  # fmt: skip
     for name in varying:
         table[name] = runs[f"params.{name}"]
-    for name in metric_columns(runs):
+    for name in metric_columns(runs, metric):
         table[name] = runs[f"metrics.{name}"]
     table["epoch_seconds"] = [
         pd.Series([v for _, v in tracking.metric_history(run_id, "epoch_seconds")]).median()
@@ -99,14 +102,14 @@ def build_table(runs: pd.DataFrame, metric: str, descending: bool) -> tuple[pd.D
     return table.reset_index(drop=True), constant
 
 
-def _cell(value: object) -> str:
+def _cell(value: object, counts: bool) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return ""
-        if value.is_integer() and abs(value) < 1e6:
-            return str(int(value))  # counts: active units, samples
+        if counts:
+            return str(int(value))  # a column of whole numbers: active units, samples
         return f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
-    return str(value).replace("|", "\\|")
+    return "(unset)" if value is None else str(value).replace("|", "\\|")
 
 
 def markdown(table: pd.DataFrame, constant: dict[str, str], title: str, metric: str) -> str:
@@ -117,8 +120,10 @@ def markdown(table: pd.DataFrame, constant: dict[str, str], title: str, metric: 
     shown = [c for c in table.columns if c != "run_id"]
     lines.append("| " + " | ".join(shown) + " |")
     lines.append("|" + "---|" * len(shown))
+    counts = {c: pd.api.types.is_float_dtype(table[c])
+              and bool((table[c].dropna() % 1 == 0).all()) for c in shown}  # fmt: skip
     for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_cell(row[c]) for c in shown) + " |")
+        lines.append("| " + " | ".join(_cell(row[c], counts[c]) for c in shown) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vaelab.errors import VaelabError
+
 
 @dataclass(frozen=True)
 class World:
@@ -54,12 +56,20 @@ def launch_command(nproc: int, argv: list[str]) -> list[str]:
 def start(world: World, device_type: str) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on CPU) and return this rank's device."""
     if device_type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise VaelabError(
+                f"rank {world.rank} needs GPU {world.local_rank}, but this machine has "
+                f"{torch.cuda.device_count()}; start at most one process per GPU (train.nproc)."
+            )
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        # The ranks of one machine share its cores; more threads than cores only slows them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+        if "OMP_NUM_THREADS" not in os.environ:
+            # The ranks of one machine share its cores; more threads than cores only slows them.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+                os.cpu_count() or 1)  # fmt: skip
+            torch.set_num_threads(max(1, cores // world.local_size))
     if world.size > 1:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return device

@@ -172,13 +172,17 @@ def elbo_terms(
     return ElboTerms(reconstruction_nll(x, logits, likelihood), kl_to_standard_normal(mu, logvar))
 
 
-def training_loss(terms: ElboTerms, beta: float | torch.Tensor) -> torch.Tensor:
+def training_loss(
+    terms: ElboTerms, beta: float | torch.Tensor, divisor: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over the batch of recon + beta * KL: nats per image, independent of the batch size.
 
     beta = 1 is the negative ELBO. (The tutorial sums the recon over the batch but averages the KL,
-    which is this loss times B with beta = 1/B.)
+    which is this loss times B with beta = 1/B.) With ``divisor`` the sum over the batch is divided
+    by it instead of by the batch size (distributed training: see ``vaelab.train``).
     """
-    return (terms.recon + beta * terms.kl).mean()
+    total = terms.recon + beta * terms.kl
+    return total.mean() if divisor is None else total.sum() / divisor
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     ),
     "model.hidden": (
         lambda v: len(v) >= 1 and all(1 <= w <= 65536 for w in v),
-        "a list of one or more integers >= 1, e.g. [512] or [200, 200]",
+        "a list of one or more integers from 1 to 65536, e.g. [512] or [200, 200]",
     ),
     "loss.beta": (lambda v: v >= 0, "a number >= 0"),
     "train.epochs": (lambda v: v >= 1, "an integer >= 1"),

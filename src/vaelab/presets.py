@@ -1,7 +1,8 @@
 """Named configurations (``presets/*.yaml``) run as DVC experiments.
 
-    python -m vaelab.presets --dir presets --list
-    python -m vaelab.presets --dir presets bernoulli-2d [--queue] [-S train.epochs=50] [--dry-run]
+    python -m vaelab.presets --dir presets --params params.yaml --list
+    python -m vaelab.presets --dir presets --params params.yaml bernoulli-2d [--queue]
+        [-S train.epochs=50] [--dry-run]
 
 A preset lists its changes from the tutorial's defaults (``params.defaults()``) to the keys that
 define a configuration (``CONFIG_KEYS``: model, loss, binarisation, training length and
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", nargs="?", help="preset name (a file <dir>/<name>.yaml)")
     parser.add_argument("--dir", type=Path, required=True, help="folder of preset files")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, required=True, help="the params.yaml to change")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
     parser.add_argument("--name", help="DVC experiment name (default: the preset's name)")
     parser.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")

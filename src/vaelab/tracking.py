@@ -454,8 +454,12 @@ def log_comparison(experiment: str, files: list[Path], compared: list[str]) -> s
         "mlflow.note.content": f"{len(compared)} runs compared by python -m vaelab.compare.",
     }
     run_id = client.create_run(experiment_id, run_name="comparison", tags=tags).info.run_id
-    for path in files:
-        client.log_artifact(run_id, str(path), artifact_path="comparison")
+    try:
+        for path in files:
+            client.log_artifact(run_id, str(path), artifact_path="comparison")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
     client.set_terminated(run_id, "FINISHED")
     return run_id
 

@@ -65,28 +65,29 @@ def make_train_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, likelihood: str, compile: bool
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """One optimisation step on a batch x (B, 1, 28, 28) with reparameterisation noise eps
-    (B, latent), KL weight ``kl_weight`` and gradient scale ``scale`` (0-dim tensors on the
-    device, so annealing never recompiles); returns the batch sums of (loss, recon, kl) as a (3,)
-    tensor on the device, so the caller never syncs with the host.
+    (B, latent), KL weight ``kl_weight`` and ``divisor`` (0-dim tensors on the device, so
+    annealing never recompiles); returns the batch sums of (loss, recon, kl) as a (3,) tensor on
+    the device, so the caller never syncs with the host.
 
-    ``scale`` is 1 on one process. Under DDP, which averages the ranks' gradients, it is
-    B_rank * world / B_global, so the average is the gradient of the global batch's mean loss
-    even when the last batch splits unevenly.
+    The loss is the batch's sum of per-image losses over ``divisor``. On one process the divisor
+    is B: the batch mean. Under DDP, which averages the ranks' gradients, it is
+    B_global / world, so that average is the gradient of the global batch's mean, also when
+    the last batch splits unevenly or leaves a rank an empty slice.
 
     compile=True wraps it in ``torch.compile``: on CUDA in "reduce-overhead" mode (CUDA graphs,
     no kernel launch overhead per step), elsewhere in the default mode.
     """
 
     def step(
-        x: torch.Tensor, eps: torch.Tensor, kl_weight: torch.Tensor, scale: torch.Tensor
+        x: torch.Tensor, eps: torch.Tensor, kl_weight: torch.Tensor, divisor: torch.Tensor
     ) -> torch.Tensor:
         logits, mu, logvar = model(x, eps=eps)
         terms = elbo_terms(x, logits, mu, logvar, likelihood)
-        loss = training_loss(terms, kl_weight)  # mean over this batch, nats per image
+        loss = training_loss(terms, kl_weight, divisor)
         optimizer.zero_grad(set_to_none=True)
-        (loss * scale).backward()
+        loss.backward()
         optimizer.step()
-        return torch.stack([loss.detach() * len(x), terms.recon.detach().sum(),
+        return torch.stack([loss.detach() * divisor, terms.recon.detach().sum(),
                             terms.kl.detach().sum()])  # fmt: skip
 
     if not compile:
@@ -98,12 +99,12 @@ def make_train_step(
         return compiled
 
     def graphed_step(
-        x: torch.Tensor, eps: torch.Tensor, kl_weight: torch.Tensor, scale: torch.Tensor
+        x: torch.Tensor, eps: torch.Tensor, kl_weight: torch.Tensor, divisor: torch.Tensor
     ) -> torch.Tensor:
         # Each call is a new iteration: CUDA graphs may reuse the previous output's memory (the
         # caller has already added it to its sums).
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(x, eps, kl_weight, scale)
+        return compiled(x, eps, kl_weight, divisor)
 
     return graphed_step
 
@@ -169,7 +170,10 @@ def train_model(
         trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                           else None)  # fmt: skip
     train_step = make_train_step(trained, optimizer, params.loss.likelihood, cfg.compile)
-    one = torch.ones((), device=device)
+    # Loss divisors (see make_train_step): full batches, and the last one, which may be smaller.
+    last_size = n_images - (math.ceil(n_images / cfg.batch_size) - 1) * cfg.batch_size
+    full_divisor = torch.tensor(cfg.batch_size / world.size, device=device)
+    last_divisor = torch.tensor(last_size / world.size, device=device)
     binarize = params.data.binarize
     train_images = training_images(train_images, binarize).to(device)
     test_images = evaluation_images(test_images, binarize, "test").to(device)
@@ -204,13 +208,11 @@ def train_model(
             if binarize == "dynamic":
                 x = torch.bernoulli(x)  # a fresh binary sample each time an image is seen
             eps = torch.randn((len(x), model.latent_dims), device=device)  # (B, latent)
-            scale = one
-            if world.size > 1:  # this rank's slice of the global batch
+            if world.size > 1:  # this rank's slice of the global batch (maybe empty)
                 x = x.tensor_split(world.size)[world.rank]
                 eps = eps.tensor_split(world.size)[world.rank]
-                if len(x) * world.size != len(index):  # only a last, uneven batch
-                    scale = one * (len(x) * world.size / len(index))
-            batch_sums = train_step(x, eps, weights[step], scale)
+            divisor = full_divisor if step < n_batches - 1 else last_divisor
+            batch_sums = train_step(x, eps, weights[step], divisor)
             local_images += len(x)
             sums += batch_sums
             bad = (first_bad_step < 0) & ~torch.isfinite(batch_sums[0])
@@ -230,7 +232,11 @@ def train_model(
             raise VaelabError(
                 f"the training loss became NaN or infinite at epoch {epoch}, step {bad_step} "
                 f"of {n_batches}: training diverged. "
-                + (f"The checkpoint of epoch {epoch - 1} is kept. " if epoch > 1 else "")
+                + (
+                    f"The checkpoint of epoch {epoch - 1} is kept. "
+                    if epoch > 1 and world.size == 1
+                    else ""
+                )  # fmt: skip
                 + f"Lower train.lr (now {cfg.lr}) and run again."
             )
         if not world.is_main:
@@ -374,6 +380,12 @@ def main(argv: list[str] | None = None) -> None:
     test_images, _ = load_split(args.data_dir, train=False)
     check_batch_size(params.train.batch_size, len(train_images))  # before touching the store
     if world.size > 1:
+        if params.train.batch_size % world.size:  # torchrun started by hand: nproc not used
+            raise VaelabError(
+                f"'train.batch_size' is {params.train.batch_size}, which does not divide among "
+                f"the {world.size} processes (WORLD_SIZE); it is the global batch. Choose a "
+                "multiple of the number of processes."
+            )
         device = distributed.start(world, device.type)
         try:
             if not world.is_main:  # the other ranks train; rank 0 writes and logs
@@ -391,11 +403,23 @@ def launch_ddp(nproc: int, argv: list[str]) -> None:
     """Run this command again as ``nproc`` DDP processes under torchrun; signals are passed on."""
     command = distributed.launch_command(nproc, argv)
     print(f"train: {nproc} processes: {' '.join(command[1:])}", flush=True)
-    launcher = subprocess.Popen(command)
-    forward = lambda signum, frame: launcher.send_signal(signum)  # noqa: E731
+    # Its own session: a terminal's Ctrl-C reaches torchrun once, through the forward below.
+    launcher = subprocess.Popen(command, start_new_session=True)
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        launcher.send_signal(signum)  # torchrun passes it on to every rank
+
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    if (code := launcher.wait()) != 0:
+    code = launcher.wait()
+    if forwarded:
+        raise VaelabError(
+            f"interrupted ({signal.Signals(forwarded[0]).name}); the MLflow run is marked KILLED. "
+            "Distributed runs do not resume: `dvc repro` starts training again."
+        )
+    if code != 0:
         raise VaelabError(f"the {nproc} training processes failed (torchrun exit code {code}); "
                           "their messages are above.")  # fmt: skip
 
@@ -448,9 +472,11 @@ def train_and_record(
             info = {"run_id": run.run_id, "experiment": params.mlflow.experiment}
             atomic_write_bytes(args.run_info, (json.dumps(info, indent=2) + "\n").encode())
     except KeyboardInterrupt:
+        how = ("again to resume from the last complete epoch" if checkpoints
+               else "again to train from the start (distributed runs do not resume)")  # fmt: skip
         raise VaelabError(
             f"interrupted after epoch {len(history)}; the MLflow run is marked KILLED. Run "
-            "`dvc repro` (or this command) again to resume from the last complete epoch."
+            f"`dvc repro` (or this command) {how}."
         ) from None
     args.checkpoint.unlink(missing_ok=True)  # finished: the model and history hold everything
     print(f"train: model -> {args.model}, MLflow run {run.run_id}")
