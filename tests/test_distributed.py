@@ -50,6 +50,35 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist):
     assert not (results[2] / "checkpoint.pt").exists()
 
 
+def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, fake_mnist):
+    """SIGINT to `python -m vaelab.train` (what Ctrl-C or DVC sends) is passed to torchrun and
+    its ranks; the stage ends with the one-line message and exit 2, the run KILLED."""
+    import signal
+    import time
+
+    prepare_custom(tmp_path / "MNIST", fake_mnist, log=lambda message: None)
+    out = tmp_path / "out"
+    out.mkdir()
+    params = write_params(out / "params.yaml", nproc=2, batch_size=32, epochs=500)
+    process = subprocess.Popen(train_cmd(params, tmp_path / "MNIST", out), cwd=tmp_path,
+                               env=env_for(out / "mlflow.db"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "history.csv").exists():  # rank 0 wrote epoch 1: training is under way
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert (
+        stderr.strip().splitlines()[-1].startswith("error: interrupted (SIGINT); the MLflow run")
+    )
+    store = client(out / "mlflow.db")
+    (run,) = store.search_runs([store.get_experiment_by_name("vaelab").experiment_id])
+    assert run.info.status == "KILLED"
+    assert not (out / "vae.pt").exists()
+
+
 def test_the_global_batch_must_divide_among_the_processes(tmp_path):
     params = write_params(tmp_path / "params.yaml", nproc=3, batch_size=32)
     with pytest.raises(VaelabError, match=r"'train.batch_size' is 32, which does not divide"):
