@@ -170,14 +170,14 @@ def train_model(
         trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                           else None)  # fmt: skip
     train_step = make_train_step(trained, optimizer, params.loss.likelihood, cfg.compile)
-    # Loss divisors (see make_train_step): full batches, and the last one, which may be smaller.
-    last_size = n_images - (math.ceil(n_images / cfg.batch_size) - 1) * cfg.batch_size
-    full_divisor = torch.tensor(cfg.batch_size / world.size, device=device)
-    last_divisor = torch.tensor(last_size / world.size, device=device)
     binarize = params.data.binarize
     train_images = training_images(train_images, binarize).to(device)
     test_images = evaluation_images(test_images, binarize, "test").to(device)
     n_batches = math.ceil(n_images / cfg.batch_size)
+    # Loss divisors (see make_train_step): full batches, and the last one, which may be smaller.
+    last_size = n_images - (n_batches - 1) * cfg.batch_size
+    full_divisor = torch.tensor(cfg.batch_size / world.size, device=device)
+    last_divisor = torch.tensor(last_size / world.size, device=device)
     history: list[dict[str, float]] = []
     if resume is not None:
         model.load_state_dict(resume["model"])
