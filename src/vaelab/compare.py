@@ -71,8 +71,11 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def build_table(runs: pd.DataFrame, metric: str, descending: bool) -> tuple[pd.DataFrame, dict]:
-    """The comparison table (one row per run, sorted by ``metric``) and the constant params."""
+def build_table(
+    runs: pd.DataFrame, metric: str, descending: bool
+) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
+    """The comparison table (one row per run, sorted by ``metric``), the names of the params
+    that vary (its param columns) and the constant params with their one value."""
     if f"metrics.{metric}" not in runs.columns or runs[f"metrics.{metric}"].isna().all():
         available = ", ".join(sorted(c.removeprefix("metrics.") for c in runs.columns
                                      if c.startswith("metrics."))) or "none"  # fmt: skip
@@ -99,7 +102,7 @@ def build_table(runs: pd.DataFrame, metric: str, descending: bool) -> tuple[pd.D
         for run_id in runs["run_id"]
     ]
     table = table.sort_values(metric, ascending=not descending, na_position="last")
-    return table.reset_index(drop=True), constant
+    return table.reset_index(drop=True), varying, constant
 
 
 def _cell(value: object, counts: bool) -> str:
@@ -229,8 +232,7 @@ def compare(
             f"expected {expect_runs} FINISHED runs matching {filter_string!r}, found {len(runs)}: "
             "an experiment failed or is still running; see dvc queue status / dvc queue logs."
         )
-    table, constant = build_table(runs, metric, descending)
-    varying, _ = varying_and_constant(runs)
+    table, varying, constant = build_table(runs, metric, descending)
     report.parent.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     title = f"Comparison: experiment `{experiment}`" + (

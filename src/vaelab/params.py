@@ -297,6 +297,12 @@ def load(path: str | Path) -> Params:
     return parse(raw, path)
 
 
+def flatten_yaml(raw: dict) -> dict[str, Any]:
+    """A params-shaped YAML mapping as ``{"section.key": value}``; non-mapping sections skipped."""
+    return {f"{section}.{key}": value for section, keys in raw.items()
+            if isinstance(keys, dict) for key, value in keys.items()}  # fmt: skip
+
+
 def flatten(params: Params) -> dict[str, str | int | float]:
     """All params as ``{"section.key": value}``: the one naming scheme MLflow runs use."""
     flat: dict[str, str | int | float] = {}

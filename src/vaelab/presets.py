@@ -59,9 +59,7 @@ def read_preset(path: Path) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise VaelabError(f"{path}: expected sections of keys (loss: {{beta: 0.5}}), got {raw!r}.")
-    flat = {
-        f"{section}.{key}": value for section, keys in raw.items() for key, value in keys.items()
-    }
+    flat = params_mod.flatten_yaml(raw)
     for key in flat:
         if not is_config_key(key):
             raise VaelabError(

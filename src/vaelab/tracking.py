@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from vaelab.errors import VaelabError
-from vaelab.params import Params, flatten, load_yaml
+from vaelab.params import Params, flatten, flatten_yaml, load_yaml
 
 FINGERPRINT_TAG = "vaelab.fingerprint"
 SOURCE_RUN_TAG = "vaelab.source_run_id"
@@ -171,8 +171,7 @@ def changed_params(params: Params, params_file: Path, baseline: str) -> str | No
         raw = load_yaml(committed) or {}
     except yaml.YAMLError:
         return None
-    before = {f"{section}.{key}": value for section, keys in raw.items()
-              if isinstance(keys, dict) for key, value in keys.items()}  # fmt: skip
+    before = flatten_yaml(raw) if isinstance(raw, dict) else {}
     now = flatten(params)  # tuples as lists, as YAML reads them
     return ", ".join(f"{key}={value}" for key, value in now.items() if before.get(key) != value)
 

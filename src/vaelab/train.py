@@ -387,16 +387,14 @@ def main(argv: list[str] | None = None) -> None:
                 "multiple of the number of processes."
             )
         device = distributed.start(world, device.type)
-        try:
-            if not world.is_main:  # the other ranks train; rank 0 writes and logs
-                train_model(params, train_images, test_images, device,
-                            stop_requested=stop.is_set, world=world)  # fmt: skip
-                return
+    try:
+        if world.is_main:
             train_and_record(args, params, device, train_images, test_images, stop, world)
-        finally:
-            distributed.stop(world)
-        return
-    train_and_record(args, params, device, train_images, test_images, stop, world)
+        else:  # the other DDP ranks train; rank 0 writes and logs
+            train_model(params, train_images, test_images, device,
+                        stop_requested=stop.is_set, world=world)  # fmt: skip
+    finally:
+        distributed.stop(world)  # nothing to do in a single process
 
 
 def launch_ddp(nproc: int, argv: list[str]) -> None:
