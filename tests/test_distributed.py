@@ -4,11 +4,17 @@ reduction order, with one MLflow run holding one value per epoch."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
+from tests.conftest import N_TRAIN
 from tests.test_faults import client, env_for, train_cmd, write_params
 from vaelab import params as params_mod
 from vaelab.data import prepare_custom
@@ -40,7 +46,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist):
     history_one, history_two = read_history(results[1] / "history.csv"), read_history(
         results[2] / "history.csv")  # fmt: skip
     for row_one, row_two in zip(history_one, history_two, strict=True):
-        assert row_two["train/images"] == 320  # both ranks together: the whole data set
+        assert row_two["train/images"] == N_TRAIN  # both ranks together: the whole data set
         assert row_two["train/neg_elbo"] == pytest.approx(row_one["train/neg_elbo"], rel=1e-4)
     store = client(results[2] / "mlflow.db")
     (run,) = store.search_runs([store.get_experiment_by_name("vaelab").experiment_id])
@@ -50,12 +56,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist):
     assert not (results[2] / "checkpoint.pt").exists()
 
 
-def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, fake_mnist):
-    """SIGINT to `python -m vaelab.train` (what Ctrl-C or DVC sends) is passed to torchrun and
-    its ranks; the stage ends with the one-line message and exit 2, the run KILLED."""
-    import signal
-    import time
-
+def start_ddp_training(tmp_path, fake_mnist) -> tuple[subprocess.Popen, Path]:
+    """`python -m vaelab.train` with train.nproc: 2 and 500 epochs, returned once rank 0 has
+    written epoch 1 (training is under way and far from its end)."""
     prepare_custom(tmp_path / "MNIST", fake_mnist, log=lambda message: None)
     out = tmp_path / "out"
     out.mkdir()
@@ -64,18 +67,57 @@ def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, fake_mnist):
                                env=env_for(out / "mlflow.db"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (out / "history.csv").exists():  # rank 0 wrote epoch 1: training is under way
+    while not (out / "history.csv").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.2)
+    return process, out
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The torchrun worker of ``rank`` among the launcher's descendants (its RANK variable)."""
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "vaelab.train" in child.cmdline() and child.environ().get("RANK") == str(rank):
+                return child
+    pytest.fail(f"no process of rank {rank} under the launcher")
+
+
+def killed_run(out: Path):
+    store = client(out / "mlflow.db")
+    (run,) = store.search_runs([store.get_experiment_by_name("vaelab").experiment_id])
+    return run
+
+
+def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, fake_mnist):
+    """SIGINT to `python -m vaelab.train` (what Ctrl-C or DVC sends) is passed to torchrun and
+    its ranks; the stage ends with the one-line message and exit 2, the run KILLED."""
+    process, out = start_ddp_training(tmp_path, fake_mnist)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2
     assert (
         stderr.strip().splitlines()[-1].startswith("error: interrupted (SIGINT); the MLflow run")
     )
-    store = client(out / "mlflow.db")
-    (run,) = store.search_runs([store.get_experiment_by_name("vaelab").experiment_id])
-    assert run.info.status == "KILLED"
+    run = killed_run(out)
+    assert run.info.status == "KILLED", run.data.tags.get("vaelab.error")
+    assert not (out / "vae.pt").exists()
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_signal_that_reaches_one_rank_stops_both_at_the_same_step(tmp_path, fake_mnist, rank):
+    """The race behind a FAILED run after Ctrl-C, made certain: only one rank is signalled, so
+    it is always "first". Without the stop agreement rank 1 left while rank 0 waited in the
+    step's all-reduce, and rank 0's gloo error ("Connection closed by peer") marked the run
+    FAILED. With it both ranks stop between the same two steps and the run is KILLED."""
+    process, out = start_ddp_training(tmp_path, fake_mnist)
+    rank_process(process, rank).send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2
+    run = killed_run(out)
+    assert run.info.status == "KILLED", run.data.tags.get("vaelab.error")
+    assert run.data.tags["vaelab.error"].startswith("KeyboardInterrupt")
+    assert "error: interrupted after epoch" in stderr and "marked KILLED" in stderr
+    assert "Connection closed" not in stderr
     assert not (out / "vae.pt").exists()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,3 +86,45 @@ def all_reduce(tensor: torch.Tensor, world: World, op: str = "sum") -> torch.Ten
     if world.size > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
     return tensor
+
+
+class StopAgreement:
+    """Ranks stop together: called before every step, returns True on every rank at the same
+    step once any rank's ``requested()`` said so (a Ctrl-C/SIGTERM flag).
+
+    Why: a rank that stops on its own leaves its peers blocked in the step's gradient
+    all-reduce, which then fails with a gloo/NCCL "connection closed" error instead of an
+    interruption, and the MLflow run would read FAILED. Each call starts an asynchronous MAX
+    all-reduce of this rank's flag and returns the result of the previous call's, so agreeing
+    costs no wait per step (the reduction runs during the step) and the stop comes one step after
+    the request. The flag lives on the CPU in a gloo group, also under NCCL: no device sync.
+    In a single process it is ``requested()`` itself.
+    """
+
+    def __init__(self, requested: Callable[[], bool], world: World) -> None:
+        self.requested = requested
+        self.world = world
+        self._flag = torch.zeros(1, dtype=torch.int32)
+        self._pending: dist.Work | None = None
+        self._group = None
+        if world.size > 1 and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")  # every rank calls this, in order
+
+    def __call__(self) -> bool:
+        if self.world.size == 1:
+            return self.requested()
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+            if self._flag.item():
+                return True  # every rank read the same value: none starts another reduction
+        self._flag = torch.tensor([int(self.requested())], dtype=torch.int32)
+        self._pending = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group,
+                                        async_op=True)  # fmt: skip
+        return False
+
+    def close(self) -> None:
+        """Wait for the last reduction (training ended without a stop)."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None

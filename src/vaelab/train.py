@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -148,7 +149,8 @@ def train_model(
     After each epoch ``on_state`` gets the training state (model, optimizer, history, every RNG
     state) and then ``on_epoch`` the history row. Passing such a state as ``resume`` continues
     after its epoch exactly as the uninterrupted run would have. ``stop_requested`` is polled
-    before every step; when it says so, training raises KeyboardInterrupt between two steps.
+    before every step; when it says so, training raises KeyboardInterrupt between two steps
+    (under DDP on every rank at the same step: ``distributed.StopAgreement``).
 
     Under DDP (``world.size`` > 1) every rank draws the same permutation, binarisation and noise
     for the whole global batch (``train.batch_size``) and trains on its slice of it, so the maths
@@ -170,6 +172,7 @@ def train_model(
         trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                           else None)  # fmt: skip
     train_step = make_train_step(trained, optimizer, params.loss.likelihood, cfg.compile)
+    should_stop = distributed.StopAgreement(stop_requested, world)  # ranks stop at one step
     binarize = params.data.binarize
     train_images = training_images(train_images, binarize).to(device)
     test_images = evaluation_images(test_images, binarize, "test").to(device)
@@ -201,7 +204,7 @@ def train_model(
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None, unit="batch")  # fmt: skip
         for step in bar:
-            if stop_requested():
+            if should_stop():
                 raise KeyboardInterrupt
             index = permutation[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = images_to_float(train_images[index])  # (B, 1, 28, 28) in [0, 1]
@@ -228,10 +231,22 @@ def train_model(
         images = distributed.all_reduce(torch.tensor(local_images, device=device), world)
         loss_sum, recon_sum, kl_sum = (sums / n_images).tolist()  # one host sync per epoch
         seconds = time.perf_counter() - started
-        if (bad_step := int(first_bad_step)) > 0 or not math.isfinite(loss_sum):
+        test = {}
+        if world.is_main:  # rank 0 evaluates, logs and reports
+            # The test-set ELBO uses its own seeded noise: evaluating never shifts training's RNG.
+            noise = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+            test = dataset_elbo(model, test_images, params.loss.likelihood, noise)
+        # A step's loss is computed before its update, so an update that breaks the model shows
+        # in no loss of the epoch when it was the last (or only) step: the test ELBO catches it.
+        # Rank 0's verdict reaches every rank, so all stop together.
+        test_finite = torch.tensor(int(math.isfinite(test.get("neg_elbo", 0.0))), device=device)
+        test_finite = int(distributed.all_reduce(test_finite, world, op="min"))
+        if (bad_step := int(first_bad_step)) > 0 or not math.isfinite(loss_sum) or not test_finite:
+            what = (f"the training loss became NaN or infinite at epoch {epoch}, step {bad_step} "
+                    f"of {n_batches}" if bad_step > 0 else
+                    f"the test ELBO became NaN or infinite after epoch {epoch}")  # fmt: skip
             raise VaelabError(
-                f"the training loss became NaN or infinite at epoch {epoch}, step {bad_step} "
-                f"of {n_batches}: training diverged. "
+                f"{what}: training diverged. "
                 + (
                     f"The checkpoint of epoch {epoch - 1} is kept. "
                     if epoch > 1 and world.size == 1
@@ -240,10 +255,7 @@ def train_model(
                 + f"Lower train.lr (now {cfg.lr}) and run again."
             )
         if not world.is_main:
-            continue  # rank 0 evaluates, logs and reports
-        # The test-set ELBO uses its own seeded noise so evaluating never shifts training's RNG.
-        noise = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
-        test = dataset_elbo(model, test_images, params.loss.likelihood, noise)
+            continue
         row = {
             "epoch": epoch,
             "train/loss": loss_sum,
@@ -276,6 +288,7 @@ def train_model(
             flush=True,
         )
         on_epoch(row)
+    should_stop.close()
     return model, history
 
 
@@ -372,9 +385,14 @@ def main(argv: list[str] | None = None) -> None:
     # raised at an arbitrary point could land inside MLflow's or SQLite's code and be swallowed
     # there. A second signal stops at once.
     stop = StopFlag()
-    signal.signal(signal.SIGINT, stop.request)
-    signal.signal(signal.SIGTERM, stop.request)
+    with stop.installed():
+        train_stage(args, params, world, stop)
 
+
+def train_stage(
+    args: argparse.Namespace, params: Params, world: distributed.World, stop: StopFlag
+) -> None:
+    """Load the data, join the DDP group if there is one, train (rank 0 also records)."""
     device = resolve_device(params.train.device)
     train_images, _ = load_split(args.data_dir, train=True)
     test_images, _ = load_split(args.data_dir, train=False)
@@ -409,10 +427,18 @@ def launch_ddp(nproc: int, argv: list[str]) -> None:
         forwarded.append(signum)
         launcher.send_signal(signum)  # torchrun passes it on to every rank
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    code = launcher.wait()
-    if forwarded:
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        code = launcher.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if forwarded and code == 0:  # it came as the last epoch ended: nothing was lost
+        raise VaelabError(
+            f"interrupted ({signal.Signals(forwarded[0]).name}) after training had finished: "
+            "the model and history are written and the MLflow run waits for `record`."
+        )
+    if forwarded:  # the ranks agreed on the stop (StopAgreement): rank 0 marked the run KILLED
         raise VaelabError(
             f"interrupted ({signal.Signals(forwarded[0]).name}); the MLflow run is marked KILLED. "
             "Distributed runs do not resume: `dvc repro` starts training again."
@@ -480,11 +506,25 @@ def train_and_record(
     print(f"train: model -> {args.model}, MLflow run {run.run_id}")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class StopFlag:
     """A signal handler that records the request; the default action returns for a second one."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        """Handle SIGINT and SIGTERM with this flag inside the block; the handlers that were
+        there before are back afterwards (``main`` also runs inside pytest and notebooks)."""
+        previous = {signum: signal.signal(signum, self.request) for signum in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def request(self, signum: int, frame: object) -> None:
         self.signal = signum
