@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import PROJECT, TINY
+from tests.conftest import N_TRAIN, PROJECT, TINY
 from vaelab import prepare, train
 from vaelab.errors import run_stage
 
@@ -73,7 +73,7 @@ ROWS = [
     ("negative lr", _set("train", "lr", -0.001), "train", ["'train.lr' is -0.001", "> 0"]),
     ("batch 0", _set("train", "batch_size", 0), "train", ["'train.batch_size' is 0", ">= 1"]),
     ("batch > data set", _set("train", "batch_size", 5000), "train",
-     ["'train.batch_size' is 5000", "larger than the training set (320 images)"]),
+     ["'train.batch_size' is 5000", f"larger than the training set ({N_TRAIN} images)"]),
     ("latent_dims 0", _set("model", "latent_dims", 0), "train",
      ["'model.latent_dims' is 0", ">= 2"]),
     ("beta < 0", _set("loss", "beta", -1), "train", ["'loss.beta' is -1", ">= 0"]),

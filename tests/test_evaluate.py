@@ -11,6 +11,13 @@ from vaelab import evaluate as ev
 from vaelab import model as m
 
 
+def _seeded_vae(seed: int, **config) -> m.VAE:
+    """A VAE whose initial weights come from ``seed``, whatever the global RNG holds."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return m.VAE(**config)
+
+
 def _log_normal(z, mu, var):
     return -0.5 * (math.log(2 * math.pi) + torch.log(var) + (z - mu) ** 2 / var).sum(-1)
 
@@ -84,11 +91,12 @@ def test_iw_estimate_converges_to_a_closed_form_log_likelihood():
 
 
 def test_active_units_count_a_dead_dimension_as_inactive():
-    vae = m.VAE(latent_dims=3, hidden=(32,))
+    vae = _seeded_vae(5, latent_dims=3, hidden=(32,))
     with torch.no_grad():
         vae.enc_head.weight[:3] *= 50  # mu rows: make the live dimensions vary strongly
         vae.enc_head.weight[2].zero_()  # mu of dimension 2 no longer depends on x
-    images = torch.randint(0, 256, (200, 28, 28), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(6)
+    images = torch.randint(0, 256, (200, 28, 28), dtype=torch.uint8, generator=g)
     means = ev.latent_means(vae, images)
     assert means[:, :2].var(0).min() > 0.01 and means[:, 2].var() < 1e-12
     assert ev.active_units(means) == 2
@@ -107,8 +115,9 @@ def test_probe_reads_separable_latents_and_not_noise():
 
 
 def test_per_digit_neg_elbo_groups_by_label():
-    vae = m.VAE(latent_dims=2, hidden=(16,))
-    images = torch.randint(0, 256, (30, 28, 28), dtype=torch.uint8)
+    vae = _seeded_vae(7, latent_dims=2, hidden=(16,))
+    g = torch.Generator().manual_seed(8)
+    images = torch.randint(0, 256, (30, 28, 28), dtype=torch.uint8, generator=g)
     labels = torch.arange(30) % 3
     per_digit = ev.per_class_neg_elbo(vae, images, labels, "gaussian",
                                       torch.Generator().manual_seed(0))  # fmt: skip
@@ -117,3 +126,91 @@ def test_per_digit_neg_elbo_groups_by_label():
     for digit in range(3):
         expected = terms.neg_elbo[labels == digit].double().mean().item()
         assert per_digit[str(digit)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_gaussian_iw_nll_is_the_exact_log_likelihood_constant_included():
+    """A decoder that ignores z (zero last-layer weights, bias b) and q(z|x) = p(z) (zero encoder
+    head): every importance weight is p(x) = N(x; sigmoid(b), I) exactly, so the estimate is the
+    closed-form log-likelihood for any K, with the Gaussian's 784/2 log 2 pi in it."""
+    vae = _seeded_vae(0, latent_dims=2, hidden=(16,))
+    bias = torch.linspace(-3, 3, m.PIXELS)
+    with torch.no_grad():
+        vae.enc_head.weight.zero_()  # mu = 0, logvar = 0: q(z|x) = N(0, I) = p(z)
+        vae.enc_head.bias.zero_()
+        vae.decoder[-1].weight.zero_()
+        vae.decoder[-1].bias.copy_(bias)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8, generator=g)
+    pixels = images.double().flatten(1) / 255
+    exact = torch.distributions.Normal(torch.sigmoid(bias.double()), 1.0).log_prob(pixels).sum(1)
+
+    got = ev.importance_weighted_nll(vae, images, "gaussian", 5, torch.Generator().manual_seed(2))
+    assert got["nll"] == pytest.approx(-exact.mean().item(), abs=1e-3)
+    assert got["nll_stderr"] == pytest.approx(exact.std().item() / 12**0.5, rel=1e-4)
+    # KL(q || p) = 0 and the reconstruction term is -log p(x|z) = -log p(x): the ELBO is exact.
+    assert got["neg_elbo"] == pytest.approx(-exact.mean().item(), abs=1e-3)
+    assert got["gap"] == pytest.approx(0.0, abs=1e-3)
+
+
+def _near_deterministic_vae() -> m.VAE:
+    """logvar = -40 for every image: z = mu + 2e-9 eps, so each ELBO term is a function of mu
+    alone and can be computed without the sampler."""
+    vae = _seeded_vae(3, latent_dims=2, hidden=(16,))
+    with torch.no_grad():
+        vae.enc_head.weight[2:].zero_()  # rows 2..3 of the head are logvar (chunk order)
+        vae.enc_head.bias[2:].fill_(-40.0)
+        vae.enc_head.weight[:2] *= 20  # spread the means: some variance to count as active
+    return vae.eval()
+
+
+def _direct_terms(vae: m.VAE, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image 0.5 * SSE and KL of the near-deterministic VAE, in float64, written out."""
+    x = images.double().unsqueeze(1) / 255
+    with torch.no_grad():
+        mu = vae.encode(x.float())[0]
+        mean = torch.sigmoid(vae.decode(mu)).double()
+    recon = 0.5 * (x - mean).pow(2).flatten(1).sum(1)
+    # -0.5 * sum(1 + logvar - mu^2 - exp(logvar)) with logvar = -40
+    kl = 0.5 * (39 + mu.double().pow(2) + math.exp(-40)).sum(1)
+    return recon, kl
+
+
+def test_evaluate_reports_each_set_s_own_values(tiny_params):
+    """evaluate()'s numbers against a direct computation: the test ELBO from the test images,
+    the training ELBO from the training images, per-digit means by label, the IW bound's ELBO in
+    the same convention with the Gaussian constant, counts and active units."""
+    vae = _near_deterministic_vae()
+    g = torch.Generator().manual_seed(4)
+    train = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8, generator=g)
+    # A different distribution (mostly dark): its ELBO differs clearly from the training set's.
+    test = (torch.rand(30, 28, 28, generator=g).pow(4) * 255).to(torch.uint8)
+    train_labels, test_labels = torch.arange(50) % 10, torch.arange(30) % 3
+    last = {"epoch": 2, "train/neg_elbo": 9.0, "train/recon": 5.0, "train/kl": 4.0}
+
+    metrics = ev.evaluate(vae, tiny_params, train, test, [last], train_labels, test_labels)
+
+    for split, images in (("test", test), ("train", train)):
+        recon, kl = _direct_terms(vae, images)
+        assert metrics[split]["recon"] == pytest.approx(recon.mean().item(), rel=1e-5), split
+        assert metrics[split]["kl"] == pytest.approx(kl.mean().item(), rel=1e-5), split
+        assert metrics[split]["neg_elbo"] == pytest.approx((recon + kl).mean().item(), rel=1e-5)
+    recon, kl = _direct_terms(vae, test)
+    train_recon, train_kl = _direct_terms(vae, train)
+    assert abs((recon + kl).mean() - (train_recon + train_kl).mean()) > 1.0, "sets tell apart"
+    assert metrics["test_per_digit"] == {
+        str(d): pytest.approx((recon + kl)[test_labels == d].mean().item(), rel=1e-5)
+        for d in range(3)
+    }
+    constant = m.PIXELS * 0.5 * math.log(2 * math.pi)
+    assert metrics["test_iw"]["neg_elbo"] == pytest.approx(
+        (recon + kl).mean().item() + constant, rel=1e-6
+    )
+    assert metrics["test_iw"]["samples"] == tiny_params.evaluate.iw_samples
+    with torch.no_grad():
+        means = vae.encode(test.float().unsqueeze(1) / 255)[0].double()
+    assert metrics["latent"]["dims"] == 2
+    assert metrics["latent"]["active_units"] == int((means.var(0, unbiased=False) > 0.01).sum())
+    assert metrics["latent"]["active_units"] >= 1
+    assert metrics["train_last_epoch"] == {"neg_elbo": 9.0, "recon": 5.0, "kl": 4.0}
+    assert metrics["epochs"] == 2
+    assert metrics["images"] == {"train": 50, "test": 30}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import PROJECT
 from vaelab import params as params_mod
 from vaelab import tracking
+from vaelab.train import HISTORY_COLUMNS
 
 
 @pytest.fixture
@@ -40,15 +42,44 @@ def _outputs(tmp_path, params, checksums, run_id) -> tracking.PipelineOutputs:
     return outputs
 
 
-HISTORY = [{"epoch": 1, "train/loss": 3.0, "test/neg_elbo": 2.5}]
+# Two epochs of every history column, with distinct values (epoch e, column i: e + i / 100).
+HISTORY = [
+    {"epoch": epoch} | {key: epoch + i / 100 for i, key in enumerate(HISTORY_COLUMNS[1:])}
+    for epoch in (1, 2)
+]
 PARAMS_FILE = PROJECT / "params.yaml"
 CHECKSUMS = {"source": "custom", "files": {"a": {"md5": "0" * 32}}}
 
 
 def _train_run(params) -> str:
     with tracking.training_run(params, CHECKSUMS, "cpu", PARAMS_FILE) as run:
-        run.log_epoch(HISTORY[0])
+        for row in HISTORY:
+            run.log_epoch(row)
     return run.run_id
+
+
+def assert_recorded(store, run_id: str, params, outputs: tracking.PipelineOutputs) -> None:
+    """The completeness table of test_pipeline.py, checked here in the fast tier: status, every
+    param, every epoch of every history column, the evaluation metrics, the figures, the model
+    and the reports, the fingerprint last."""
+    import mlflow
+
+    run = store.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {k: str(v) for k, v in params_mod.flatten(params).items()}
+    for key in HISTORY_COLUMNS[1:]:
+        logged = sorted((m.step, m.value) for m in store.get_metric_history(run_id, key))
+        assert logged == [(row["epoch"], row[key]) for row in HISTORY], key
+    assert run.data.metrics["eval/test/neg_elbo"] == 21.5
+    figures = {a.path for a in store.list_artifacts(run_id, "figures")}
+    assert figures == {f"figures/{p.name}" for p in outputs.figures.iterdir()}
+    reports = {a.path for a in store.list_artifacts(run_id, "reports")}
+    sent = (outputs.params_file, outputs.metrics, outputs.history, outputs.checksums)
+    assert reports == {f"reports/{p.name}" for p in sent}
+    model = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/vae.pt",
+                                                tracking_uri=store.tracking_uri)  # fmt: skip
+    assert Path(model).read_bytes() == outputs.model.read_bytes()
+    assert tracking.FINGERPRINT_TAG in run.data.tags
 
 
 def test_record_completes_then_is_idempotent_then_sees_new_figures(store, tmp_path, tiny_params):
@@ -56,16 +87,14 @@ def test_record_completes_then_is_idempotent_then_sees_new_figures(store, tmp_pa
     outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
     outputs.history.write_text("epoch\n1\n")
     assert tracking.record(tiny_params, outputs, HISTORY) == run_id
-    finished = store.get_run(run_id)
-    assert finished.info.status == "FINISHED"
-    assert finished.data.metrics["eval/test/neg_elbo"] == 21.5
+    assert_recorded(store, run_id, tiny_params, outputs)
     assert tracking.record(tiny_params, outputs, HISTORY) == run_id  # nothing changed
     # A re-drawn figure (plot code changed, same params) is a new result: a new, complete run.
     (outputs.figures / "loss_curve.png").write_bytes(b"png two")
     rebuilt = tracking.record(tiny_params, outputs, HISTORY)
     assert rebuilt != run_id
     assert store.get_run(rebuilt).data.tags[tracking.SOURCE_RUN_TAG] == run_id
-    assert store.get_run(rebuilt).info.status == "FINISHED"
+    assert_recorded(store, rebuilt, tiny_params, outputs)
 
 
 def test_a_failed_upload_leaves_no_fingerprint_and_the_next_record_finishes(
@@ -87,7 +116,7 @@ def test_a_failed_upload_leaves_no_fingerprint_and_the_next_record_finishes(
     assert tracking.FINGERPRINT_TAG not in store.get_run(run_id).data.tags
     monkeypatch.setattr(MlflowClient, "log_artifact", original)
     assert tracking.record(tiny_params, outputs, HISTORY) == run_id
-    assert store.get_run(run_id).info.status == "FINISHED"
+    assert_recorded(store, run_id, tiny_params, outputs)
 
 
 def test_a_superseded_train_run_does_not_stay_running(store, tmp_path, tiny_params):
@@ -104,6 +133,7 @@ def test_a_superseded_train_run_does_not_stay_running(store, tmp_path, tiny_para
     old = store.get_run(run_id)
     assert old.info.status == "KILLED" and old.data.tags["vaelab.superseded_by"] == rebuilt
     assert store.get_run(rebuilt).data.params["evaluate.seed"] == "9"
+    assert_recorded(store, rebuilt, changed, outputs)
 
 
 def test_training_run_is_failed_with_the_reason(store, tiny_params):

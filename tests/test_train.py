@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import N_TRAIN
 from vaelab.data import load_split
 from vaelab.errors import VaelabError
 from vaelab.train import HISTORY_COLUMNS, kl_weights, resolve_device, train_model
@@ -59,9 +60,9 @@ def test_beta_weights_only_the_kl_in_the_objective(tiny_params, fake_data_dir):
 
 def test_batch_larger_than_the_data_set_is_refused(tiny_params, fake_data_dir):
     params = dataclasses.replace(
-        tiny_params, train=dataclasses.replace(tiny_params.train, batch_size=321)
+        tiny_params, train=dataclasses.replace(tiny_params.train, batch_size=N_TRAIN + 1)
     )
-    with pytest.raises(VaelabError, match=r"'train.batch_size' is 321.*320 images"):
+    with pytest.raises(VaelabError, match=rf"'train.batch_size' is {N_TRAIN + 1}.*{N_TRAIN} im"):
         _train(params, fake_data_dir)
 
 
@@ -166,7 +167,7 @@ def test_dynamic_binarization_changes_between_epochs_and_the_test_set_does_not(
         tiny_params,
         loss=dataclasses.replace(tiny_params.loss, likelihood="bernoulli"),
         data=dataclasses.replace(tiny_params.data, binarize="dynamic"),
-        train=dataclasses.replace(tiny_params.train, batch_size=320),
+        train=dataclasses.replace(tiny_params.train, batch_size=N_TRAIN),
     )
     _train(bern, fake_data_dir)
     epoch1, epoch2 = seen
@@ -180,3 +181,77 @@ def test_dynamic_binarization_changes_between_epochs_and_the_test_set_does_not(
     assert torch.equal(once, twice) and set(once.unique().tolist()) == {0, 255}
     # A binary sample keeps the intensities on average.
     assert abs(once.float().mean() - test_x.float().mean()) < 2.0
+
+
+def test_an_epoch_is_the_plain_loop_including_the_smaller_last_batch(tiny_params, fake_data_dir):
+    """train_model against the tutorial's loop written out plainly: for each batch of a seeded
+    permutation, the mean over its images of 0.5 * SSE + KL, one Adam step. The fake training
+    set does not divide by the batch size, so the last batch is smaller and must be averaged over
+    its own size (with the full batch's divisor its gradient would shrink)."""
+    params = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train,
+                                                                        epochs=1))  # fmt: skip
+    cfg = params.train
+    model, _ = _train(params, fake_data_dir)
+
+    images, _ = load_split(fake_data_dir, train=True)
+    assert len(images) % cfg.batch_size != 0, "the fixture must leave a smaller last batch"
+    torch.manual_seed(cfg.seed)  # initial weights, then the noise, from the global RNG
+    from vaelab.model import VAE
+
+    reference = VAE(**dataclasses.asdict(params.model))
+    optimizer = torch.optim.Adam(reference.parameters(), lr=cfg.lr)
+    permutation = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
+    for start in range(0, len(images), cfg.batch_size):
+        x = images[permutation[start : start + cfg.batch_size]].unsqueeze(1).float() / 255
+        eps = torch.randn(len(x), params.model.latent_dims)
+        mu, logvar = reference.encode(x)
+        mean = torch.sigmoid(reference.decode(mu + (0.5 * logvar).exp() * eps))
+        sse = (x - mean).pow(2).flatten(1).sum(1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)  # Kingma & Welling, App. B
+        loss = (0.5 * sse + kl).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_main_gives_back_the_signal_handlers_it_found(tmp_path, fake_data_dir, monkeypatch):
+    """`train.main` handles Ctrl-C/SIGTERM with a flag while it runs; called in-process (a test,
+    a notebook) it must leave the caller's handlers in place, after success and after an error:
+    else Ctrl-C would no longer stop pytest."""
+    import signal
+
+    from tests.test_faults import write_params
+    from vaelab import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+
+    def callers_int(signum, frame):  # stand-ins for whatever handlers the caller had
+        pass
+
+    def callers_term(signum, frame):
+        pass
+
+    def main(params) -> None:
+        train.main(["--params", str(params), "--data-dir", str(fake_data_dir),
+                    "--model", str(tmp_path / "vae.pt"), "--history", str(tmp_path / "h.csv"),
+                    "--run-info", str(tmp_path / "run.json"),
+                    "--checkpoint", str(tmp_path / "c.pt")])  # fmt: skip
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, callers_int)
+        signal.signal(signal.SIGTERM, callers_term)
+        main(write_params(tmp_path / "ok.yaml", epochs=1))
+        assert (tmp_path / "vae.pt").exists()
+        assert signal.getsignal(signal.SIGINT) is callers_int
+        assert signal.getsignal(signal.SIGTERM) is callers_term
+        bad = write_params(tmp_path / "bad.yaml", epochs=1, lr=1e30)  # diverges: main raises
+        with pytest.raises(VaelabError, match="NaN or infinite"):
+            main(bad)
+        assert signal.getsignal(signal.SIGINT) is callers_int
+        assert signal.getsignal(signal.SIGTERM) is callers_term
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
