@@ -9,13 +9,16 @@ then the MLflow store read back with MlflowClient. One test per row of the compl
 | `dvc exp run` of params seen before (run cache)    | a complete run exists for that exp      |
 | two queued experiments, `-j 2`, fresh store        | two complete runs in the root store     |
 
-The tests of one repository run in file order and build on each other (as a user's session does).
+Each test starts from a state of its own: a fresh repository, or a private copy of one that has
+been through `dvc repro` (``reproduced_copy``), so they pass alone and in any order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -127,13 +130,42 @@ def assert_complete(repo: Path, run_, params_file: Path) -> None:
     assert (local / "figures" / "latent_grid.png").stat().st_size > 0
 
 
+def move_store(db: Path, old: Path, new: Path) -> None:
+    """Point every path under ``old`` in the SQLite store ``db`` to ``new``: MLflow keeps
+    artifact locations as absolute paths, so a copied repository would still log into the
+    original's mlartifacts/."""
+    with contextlib.closing(sqlite3.connect(db)) as store:
+        tables = [row[0] for row in store.execute("SELECT name FROM sqlite_master "
+                                                   "WHERE type = 'table'")]  # fmt: skip
+        for table in tables:
+            for column in store.execute(f"PRAGMA table_info('{table}')").fetchall():
+                name, kind = column[1], column[2].upper()
+                if kind.startswith(("VARCHAR", "TEXT")):
+                    store.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?)',
+                                  (str(old), str(new)))  # fmt: skip
+        store.commit()
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return make_repo(tmp_path_factory.mktemp("repo"))
-
-
-def test_repro_with_changes_gives_one_complete_run(repo):
+def reproduced(tmp_path_factory) -> Path:
+    """A repository after one `dvc repro`, holding one complete run. Read it, never change it:
+    tests that go on from this state take ``reproduced_copy``."""
+    repo = make_repo(tmp_path_factory.mktemp("repo"))
     run(repo, "dvc", "repro")
+    return repo
+
+
+@pytest.fixture
+def reproduced_copy(reproduced: Path, tmp_path: Path) -> Path:
+    """A private copy of ``reproduced``: git, DVC cache and outputs, MLflow store and artifacts."""
+    copy = tmp_path / "repo"
+    shutil.copytree(reproduced, copy, symlinks=True)
+    move_store(copy / "mlflow.db", reproduced, copy)
+    return copy
+
+
+def test_repro_with_changes_gives_one_complete_run(reproduced):
+    repo = reproduced
     (only,) = runs(repo)
     assert_complete(repo, only, repo / "params.yaml")
     assert only.data.tags["git.dirty"] == "false"
@@ -143,14 +175,16 @@ def test_repro_with_changes_gives_one_complete_run(repo):
     assert len((repo / "reports" / "train_history.csv").read_text().splitlines()) == 1 + 2
 
 
-def test_repro_with_nothing_changed_adds_no_run(repo):
+def test_repro_with_nothing_changed_adds_no_run(reproduced_copy):
+    repo = reproduced_copy
     before = [r.info.run_id for r in runs(repo)]
     output = run(repo, "dvc", "repro")
     assert "already holds this result" in output
     assert [r.info.run_id for r in runs(repo)] == before
 
 
-def test_only_an_evaluate_param_changed_gives_a_new_complete_run(repo):
+def test_only_an_evaluate_param_changed_gives_a_new_complete_run(reproduced_copy):
+    repo = reproduced_copy
     (first,) = runs(repo)
     set_param(repo, "evaluate", "seed", 7)
     output = run(repo, "dvc", "repro")
@@ -163,7 +197,8 @@ def test_only_an_evaluate_param_changed_gives_a_new_complete_run(repo):
     assert_complete(repo, second, repo / "params.yaml")
 
 
-def test_exp_run_of_params_seen_before_gives_a_complete_run_named_after_it(repo):
+def test_exp_run_of_params_seen_before_gives_a_complete_run_named_after_it(reproduced_copy):
+    repo = reproduced_copy
     (first, *_) = runs(repo)
     run(repo, "dvc", "exp", "run", "-S", "train.seed=5")  # trains a new model ...
     count = len(runs(repo))
@@ -187,9 +222,10 @@ def test_exp_run_of_params_seen_before_gives_a_complete_run_named_after_it(repo)
     assert_complete(repo, new[0], repo / "params.yaml")
 
 
-def test_a_preset_runs_as_a_named_experiment(repo):
+def test_a_preset_runs_as_a_named_experiment(reproduced_copy):
     """The iwae-benchmark preset (a list value, a string, ints) through DVC's -S and back; also
     the Bernoulli path end to end: dynamic binarisation, with KL warm-up."""
+    repo = reproduced_copy
     count = len(runs(repo))
     preset = [sys.executable, "-m", "vaelab.presets", "--dir", "presets", "--params",
               "params.yaml", "iwae-benchmark"]  # fmt: skip

@@ -79,11 +79,12 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(timeout=15)
 
 
-@contextlib.contextmanager
-def running_server(folder: Path) -> Iterator[TrackingServer]:
-    """``mlflow server`` on a free port of 127.0.0.1, answering REST calls; stopped on exit."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+PORT_TRIES = 3  # a port found free can be taken by another process before the server binds it
+
+
+def _start(folder: Path, port: int) -> subprocess.Popen | None:
+    """Start ``mlflow server`` on ``port`` and wait until it answers; None when the port was
+    taken in the meantime (the server exits saying so)."""
     server = TrackingServer(f"http://127.0.0.1:{port}", folder)
     mlflow = Path(sys.executable).parent / "mlflow"
     # One worker: the default four take longer to start on 2 cores and tests need no more.
@@ -98,21 +99,42 @@ def running_server(folder: Path) -> Iterator[TrackingServer]:
         # Its own session: the server forks workers, and the whole group is stopped at the end.
         process = subprocess.Popen(command, cwd=folder, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"mlflow server exited with {process.returncode}:\n"
-                            f"{server.log.read_text()[-5000:]}")  # fmt: skip
+                output = server.log.read_text()
+                if "address already in use" in output.lower():
+                    return None
+                pytest.fail(f"mlflow server exited with {process.returncode}:\n{output[-5000:]}")
             try:
                 server.get("experiments/search", max_results="1")
-                break
             except (OSError, ValueError):  # refused, reset, 5xx while starting
                 if time.monotonic() > deadline:
                     pytest.fail(f"mlflow server did not answer in {START_TIMEOUT_S} s:\n"
                                 f"{server.log.read_text()[-5000:]}")  # fmt: skip
                 time.sleep(0.5)
-        yield server
+                continue
+            if process.poll() is None:  # it answered, and it is ours (still running)
+                return process
+    except BaseException:
+        _stop(process)
+        raise
+
+
+@contextlib.contextmanager
+def running_server(folder: Path) -> Iterator[TrackingServer]:
+    """``mlflow server`` on a free port of 127.0.0.1, answering REST calls; stopped on exit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(PORT_TRIES):
+        port = free_port()
+        process = _start(folder, port)
+        if process is not None:
+            break
+    else:
+        pytest.fail(f"no free port for mlflow server after {PORT_TRIES} tries")
+    try:
+        yield TrackingServer(f"http://127.0.0.1:{port}", folder)
     finally:
         _stop(process)
 
