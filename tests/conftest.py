@@ -101,7 +101,7 @@ def tiny_params() -> params_mod.Params:
 
 
 @pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory):  # noqa: ANN201 - a tests.tracking_server.TrackingServer
+def tracking_server(tmp_path_factory):  # a tests.tracking_server.TrackingServer
     """One real `mlflow server` for the whole session (see tests/tracking_server.py)."""
     from tests.tracking_server import running_server
 
@@ -110,7 +110,7 @@ def tracking_server(tmp_path_factory):  # noqa: ANN201 - a tests.tracking_server
 
 
 @pytest.fixture(scope="session")
-def filled_server(tracking_server, tmp_path_factory):  # noqa: ANN001, ANN201
+def filled_server(tracking_server, tmp_path_factory):
     """The server after `dvc repro` and one `dvc exp run` of a fake-MNIST repository logged to
     it: two complete runs (a tests.tracking_server.FilledStore)."""
     from tests.tracking_server import fill

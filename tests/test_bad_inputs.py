@@ -1,5 +1,6 @@
-"""Every bad input of the README's table ("Bad input") gets a clear one-line error, a non-zero exit
-and loses nothing already written. One test per row, through the stages' real ``main()``."""
+"""Every bad input of the table in docs/reliability.md ("Bad input") gets a clear one-line error,
+a non-zero exit and loses nothing already written. One test per row, through the stages' real
+``main()``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import yaml
 
 from tests.conftest import N_TRAIN, PROJECT, TINY
+from tests.test_faults import train_args
 from vaelab import prepare, train
 from vaelab.errors import run_stage
 
@@ -63,37 +65,89 @@ def _custom_gzip(ws: Path) -> None:
 
 ROWS = [
     # (id, setup, stage, fragments the one-line message must contain)
-    ("unknown key", _set("train", "epoch", 3), "train",
-     ["params.yaml", "unknown key 'train.epoch'", "Did you mean 'epochs'"]),
-    ("missing key", _params(lambda raw: raw["train"].pop("lr")), "train",
-     ["params.yaml", "missing key 'train.lr'", "default: 0.001"]),
-    ("wrong type", _set("train", "lr", "fast"), "train",
-     ["params.yaml", "'train.lr' is 'fast'", "expected a finite number"]),
+    (
+        "unknown key",
+        _set("train", "epoch", 3),
+        "train",
+        ["params.yaml", "unknown key 'train.epoch'", "Did you mean 'epochs'"],
+    ),
+    (
+        "missing key",
+        _params(lambda raw: raw["train"].pop("lr")),
+        "train",
+        ["params.yaml", "missing key 'train.lr'", "default: 0.001"],
+    ),
+    (
+        "wrong type",
+        _set("train", "lr", "fast"),
+        "train",
+        ["params.yaml", "'train.lr' is 'fast'", "expected a finite number"],
+    ),
     ("epochs 0", _set("train", "epochs", 0), "train", ["'train.epochs' is 0", ">= 1"]),
     ("negative lr", _set("train", "lr", -0.001), "train", ["'train.lr' is -0.001", "> 0"]),
     ("batch 0", _set("train", "batch_size", 0), "train", ["'train.batch_size' is 0", ">= 1"]),
-    ("batch > data set", _set("train", "batch_size", 5000), "train",
-     ["'train.batch_size' is 5000", f"larger than the training set ({N_TRAIN} images)"]),
-    ("latent_dims 0", _set("model", "latent_dims", 0), "train",
-     ["'model.latent_dims' is 0", ">= 2"]),
+    (
+        "batch > data set",
+        _set("train", "batch_size", 5000),
+        "train",
+        ["'train.batch_size' is 5000", f"larger than the training set ({N_TRAIN} images)"],
+    ),
+    (
+        "latent_dims 0",
+        _set("model", "latent_dims", 0),
+        "train",
+        ["'model.latent_dims' is 0", ">= 2"],
+    ),
     ("beta < 0", _set("loss", "beta", -1), "train", ["'loss.beta' is -1", ">= 0"]),
-    ("iw_samples 0", _set("evaluate", "iw_samples", 0), "train",
-     ["'evaluate.iw_samples' is 0", ">= 1"]),
-    ("unknown likelihood", _set("loss", "likelihood", "poisson"), "train",
-     ["'loss.likelihood' is 'poisson'", "'gaussian', 'bernoulli'"]),
-    ("unknown device", _set("train", "device", "tpu"), "train",
-     ["'train.device' is 'tpu'", "'auto', 'cpu', 'cuda'"]),
-    ("malformed YAML", _params(text_edit=lambda t: t.replace("epochs: 2", "epochs: [2")),
-     "train", ["params.yaml", "not valid YAML at line"]),
-    ("data file missing", _damage("t10k-images-idx3-ubyte", "missing"), "train",
-     ["t10k-images-idx3-ubyte: file missing", "dvc repro prepare"]),
-    ("data file truncated", _damage("train-images-idx3-ubyte", "truncated"), "train",
-     ["train-images-idx3-ubyte: MD5 is", "expected", "dvc repro prepare"]),
-    ("one flipped byte", _damage("train-labels-idx1-ubyte", "flipped"), "train",
-     ["train-labels-idx1-ubyte: MD5 is", "expected", "dvc repro prepare"]),
-    ("wrong magic number", _custom_gzip, "prepare",
-     ["train-images-idx3-ubyte: magic number is", "expected 2051", "unpacked first"]),
-]  # fmt: skip
+    (
+        "iw_samples 0",
+        _set("evaluate", "iw_samples", 0),
+        "train",
+        ["'evaluate.iw_samples' is 0", ">= 1"],
+    ),
+    (
+        "unknown likelihood",
+        _set("loss", "likelihood", "poisson"),
+        "train",
+        ["'loss.likelihood' is 'poisson'", "'gaussian', 'bernoulli'"],
+    ),
+    (
+        "unknown device",
+        _set("train", "device", "tpu"),
+        "train",
+        ["'train.device' is 'tpu'", "'auto', 'cpu', 'cuda'"],
+    ),
+    (
+        "malformed YAML",
+        _params(text_edit=lambda t: t.replace("epochs: 2", "epochs: [2")),
+        "train",
+        ["params.yaml", "not valid YAML at line"],
+    ),
+    (
+        "data file missing",
+        _damage("t10k-images-idx3-ubyte", "missing"),
+        "train",
+        ["t10k-images-idx3-ubyte: file missing", "dvc repro prepare"],
+    ),
+    (
+        "data file truncated",
+        _damage("train-images-idx3-ubyte", "truncated"),
+        "train",
+        ["train-images-idx3-ubyte: MD5 is", "expected", "dvc repro prepare"],
+    ),
+    (
+        "one flipped byte",
+        _damage("train-labels-idx1-ubyte", "flipped"),
+        "train",
+        ["train-labels-idx1-ubyte: MD5 is", "expected", "dvc repro prepare"],
+    ),
+    (
+        "wrong magic number",
+        _custom_gzip,
+        "prepare",
+        ["train-images-idx3-ubyte: magic number is", "expected 2051", "unpacked first"],
+    ),
+]
 
 
 @pytest.fixture
@@ -114,23 +168,27 @@ def _snapshot(ws: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in files if p.is_file()}
 
 
-@pytest.mark.parametrize(("setup", "stage", "fragments"), [r[1:] for r in ROWS],
-                         ids=[r[0] for r in ROWS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("setup", "stage", "fragments"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS]
+)
 def test_bad_input_is_one_clear_line_and_loses_nothing(workspace, setup, stage, fragments, capsys):
     ws = workspace
     setup(ws)
     before = _snapshot(ws)
     if stage == "train":
         out = ws / "out"
-        argv = ["--params", str(ws / "params.yaml"), "--data-dir", str(ws / "MNIST"),
-                "--model", str(out / "vae.pt"), "--history", str(out / "history.csv"),
-                "--run-info", str(out / "run.json"),
-                "--checkpoint", str(out / "checkpoint.pt")]  # fmt: skip
+        argv = train_args(ws / "params.yaml", ws / "MNIST", out)
         main = train.main
     else:
         _params(lambda raw: raw["data"].__setitem__("source", "custom"))(ws)
-        argv = ["--params", str(ws / "params.yaml"), "--out", str(ws / "MNIST"),
-                "--custom-dir", str(ws / "custom")]  # fmt: skip
+        argv = [
+            "--params",
+            str(ws / "params.yaml"),
+            "--out",
+            str(ws / "MNIST"),
+            "--custom-dir",
+            str(ws / "custom"),
+        ]
         main = prepare.main
     with pytest.raises(SystemExit) as exit_:
         run_stage(lambda: main(argv))

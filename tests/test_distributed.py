@@ -19,7 +19,8 @@ from tests.test_faults import client, env_for, train_cmd, write_params
 from vaelab import params as params_mod
 from vaelab.data import prepare_custom
 from vaelab.errors import VaelabError
-from vaelab.train import HISTORY_COLUMNS, read_history
+from vaelab.history import COLUMNS as HISTORY_COLUMNS
+from vaelab.history import read as read_history
 
 # Max |difference| of any weight after 2 epochs (20 steps): reduction order only moves the last
 # float bits, then Adam's normalised steps carry them; measured 3e-8 here.
@@ -33,9 +34,14 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist):
         out = tmp_path / f"nproc{nproc}"
         out.mkdir()
         params = write_params(out / "params.yaml", nproc=nproc, batch_size=32)
-        done = subprocess.run(train_cmd(params, tmp_path / "MNIST", out), cwd=tmp_path,
-                              env=env_for(out / "mlflow.db"), capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        done = subprocess.run(
+            train_cmd(params, tmp_path / "MNIST", out),
+            cwd=tmp_path,
+            env=env_for(out / "mlflow.db"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         results[nproc] = out
     one = torch.load(results[1] / "vae.pt", weights_only=True)["state_dict"]
@@ -43,8 +49,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist):
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     print(f"max |weight difference| 1 vs 2 processes: {worst:.3g}")
     assert worst < TOLERANCE, worst
-    history_one, history_two = read_history(results[1] / "history.csv"), read_history(
-        results[2] / "history.csv")  # fmt: skip
+    history_one, history_two = (
+        read_history(results[1] / "history.csv"),
+        read_history(results[2] / "history.csv"),
+    )
     for row_one, row_two in zip(history_one, history_two, strict=True):
         assert row_two["train/images"] == N_TRAIN  # both ranks together: the whole data set
         assert row_two["train/neg_elbo"] == pytest.approx(row_one["train/neg_elbo"], rel=1e-4)
@@ -63,9 +71,14 @@ def start_ddp_training(tmp_path, fake_mnist) -> tuple[subprocess.Popen, Path]:
     out = tmp_path / "out"
     out.mkdir()
     params = write_params(out / "params.yaml", nproc=2, batch_size=32, epochs=500)
-    process = subprocess.Popen(train_cmd(params, tmp_path / "MNIST", out), cwd=tmp_path,
-                               env=env_for(out / "mlflow.db"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        train_cmd(params, tmp_path / "MNIST", out),
+        cwd=tmp_path,
+        env=env_for(out / "mlflow.db"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (out / "history.csv").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -141,8 +154,9 @@ def test_rank_losses_average_to_the_global_batch_gradient(batch, world):
     def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
         params = list(vae.parameters())
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g
-                for p, g in zip(params, grads, strict=True)]  # fmt: skip
+        return [
+            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+        ]
 
     full = gradients(m.training_loss(m.elbo_terms(x, *vae(x, eps=eps), "bernoulli"), 0.5))
     divisor = torch.tensor(batch / world)

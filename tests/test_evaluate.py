@@ -55,9 +55,10 @@ def test_iw_bound_rises_with_k_and_is_above_the_elbo():
         log_lik = m.log_px_given_z_fn(vae, x, "bernoulli")
         means = [
             m.importance_weighted_log_px(mu, logvar, log_lik, k, torch.Generator().manual_seed(k))
-            .mean().item()
+            .mean()
+            .item()
             for k in (1, 10, 100)
-        ]  # fmt: skip
+        ]
         elbo = -m.per_image_terms(vae, images, "bernoulli").neg_elbo.mean().item()
     assert means == sorted(means), means
     assert means[-1] > elbo
@@ -80,9 +81,13 @@ def test_iw_estimate_converges_to_a_closed_form_log_likelihood():
     # Diagonal proposal: only exact when cov is diagonal, so use the diagonal of the precision.
     diag_var = 1 / torch.diagonal(torch.eye(2, dtype=torch.float64) + w.T @ w)
     mismatched = m.importance_weighted_log_px(
-        post_mu, diag_var.log().expand_as(post_mu), log_lik, 20_000,
-        torch.Generator().manual_seed(3), chunk=2000,
-    )  # fmt: skip
+        post_mu,
+        diag_var.log().expand_as(post_mu),
+        log_lik,
+        20_000,
+        torch.Generator().manual_seed(3),
+        chunk=2000,
+    )
     torch.testing.assert_close(mismatched, exact, atol=0.02, rtol=0)
     rough = m.importance_weighted_log_px(
         post_mu, diag_var.log().expand_as(post_mu), log_lik, 1, torch.Generator().manual_seed(3)
@@ -119,9 +124,8 @@ def test_per_digit_neg_elbo_groups_by_label():
     g = torch.Generator().manual_seed(8)
     images = torch.randint(0, 256, (30, 28, 28), dtype=torch.uint8, generator=g)
     labels = torch.arange(30) % 3
-    per_digit = ev.per_class_neg_elbo(vae, images, labels, "gaussian",
-                                      torch.Generator().manual_seed(0))  # fmt: skip
     terms = m.per_image_terms(vae, images, "gaussian", torch.Generator().manual_seed(0))
+    per_digit = ev.per_class_neg_elbo(terms, labels)
     assert set(per_digit) == {"0", "1", "2"}
     for digit in range(3):
         expected = terms.neg_elbo[labels == digit].double().mean().item()
@@ -214,3 +218,41 @@ def test_evaluate_reports_each_set_s_own_values(tiny_params):
     assert metrics["train_last_epoch"] == {"neg_elbo": 9.0, "recon": 5.0, "kl": 4.0}
     assert metrics["epochs"] == 2
     assert metrics["images"] == {"train": 50, "test": 30}
+
+
+def test_each_metric_draws_from_its_own_generator():
+    """Seeded from evaluate.seed and the metric's name: the same pair gives the same draws, any
+    other name or seed others, so adding or reordering a metric moves no other metric."""
+    cpu = torch.device("cpu")
+
+    def draws(seed: int, metric: str) -> torch.Tensor:
+        return torch.randn(5, generator=ev.metric_generator(seed, metric, cpu))
+
+    assert torch.equal(draws(0, "test"), draws(0, "test"))
+    assert not torch.equal(draws(0, "test"), draws(0, "train"))
+    assert not torch.equal(draws(0, "test"), draws(1, "test"))
+
+
+def test_evaluate_shares_the_test_set_s_terms_among_its_metrics(tiny_params):
+    """The test ELBO is the mean of one draw of per-image terms (the "test" generator's); the
+    per-digit values are that draw grouped, so weighted by the digit counts they average back
+    to the test value exactly; the IW estimate's ELBO is the same draw plus the constant."""
+    vae = _seeded_vae(9, latent_dims=2, hidden=(16,))
+    g = torch.Generator().manual_seed(10)
+    train = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8, generator=g)
+    test = torch.randint(0, 256, (36, 28, 28), dtype=torch.uint8, generator=g)
+    train_labels, test_labels = torch.arange(40) % 10, torch.arange(36) % 4
+    last = {"epoch": 1, "train/neg_elbo": 9.0, "train/recon": 5.0, "train/kl": 4.0}
+
+    metrics = ev.evaluate(vae, tiny_params, train, test, [last], train_labels, test_labels)
+
+    seed = tiny_params.evaluate.seed
+    own = m.per_image_terms(vae, test, "gaussian", ev.metric_generator(seed, "test", "cpu"))
+    assert metrics["test"]["neg_elbo"] == pytest.approx(own.neg_elbo.double().mean().item())
+    counts = torch.bincount(test_labels)
+    weighted = sum(counts[d].item() * metrics["test_per_digit"][str(d)] for d in range(4))
+    assert weighted / len(test) == pytest.approx(metrics["test"]["neg_elbo"], rel=1e-12)
+    constant = m.PIXELS * 0.5 * math.log(2 * math.pi)
+    assert metrics["test_iw"]["neg_elbo"] == pytest.approx(
+        metrics["test"]["neg_elbo"] + constant, rel=1e-12
+    )

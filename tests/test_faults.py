@@ -19,7 +19,9 @@ from tests.conftest import PROJECT, TINY, write_fake_mnist
 from vaelab import params as params_mod
 from vaelab.data import prepare_custom
 from vaelab.errors import VaelabError
-from vaelab.train import HISTORY_COLUMNS, read_history, train_model
+from vaelab.history import COLUMNS as HISTORY_COLUMNS
+from vaelab.history import read as read_history
+from vaelab.training import train_model
 
 TIMING = {"epoch_seconds", "images_per_second"}
 
@@ -33,11 +35,21 @@ def write_params(path: Path, **train) -> Path:
     return path
 
 
+def train_args(params: Path, data_dir: Path, out: Path) -> list[str]:
+    """The train stage's arguments, its outputs in ``out``."""
+    outputs = {
+        "model": "vae.pt",
+        "history": "history.csv",
+        "run-info": "run.json",
+        "checkpoint": "checkpoint.pt",
+    }
+    paths = [("params", params), ("data-dir", data_dir)]
+    paths += [(name, out / file) for name, file in outputs.items()]
+    return [arg for name, path in paths for arg in (f"--{name}", str(path))]
+
+
 def train_cmd(params: Path, data_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "vaelab.train", "--params", str(params),
-            "--data-dir", str(data_dir), "--model", str(out / "vae.pt"),
-            "--history", str(out / "history.csv"), "--run-info", str(out / "run.json"),
-            "--checkpoint", str(out / "checkpoint.pt")]  # fmt: skip
+    return [sys.executable, "-m", "vaelab.train", *train_args(params, data_dir, out)]
 
 
 def env_for(store: Path) -> dict[str, str]:
@@ -56,23 +68,29 @@ def client(store: Path):
 # outside "after epoch 3" could land after the last epoch). argv: EPOCH SIGNAL TRAIN-ARGS...
 SIGNAL_AFTER_CHECKPOINT = """
 import os, signal, sys
-from vaelab import train
+from vaelab import checkpoints, train
 from vaelab.errors import run_stage
 epoch, signum, argv = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3:]
-write = train.save_checkpoint
+write = checkpoints.save
 def write_then_signal(path, state, *args):
     write(path, state, *args)
     if state["epoch"] == epoch:
         os.kill(os.getpid(), signum)
-train.save_checkpoint = write_then_signal
+checkpoints.save = write_then_signal
 run_stage(lambda: train.main(argv))
 """
 
 
 def signalled_train_cmd(epoch: int, how: str, params: Path, data_dir: Path, out: Path):
     """``train_cmd`` that receives signal ``how`` once the checkpoint of ``epoch`` is written."""
-    return [sys.executable, "-c", SIGNAL_AFTER_CHECKPOINT, str(epoch), how,
-            *train_cmd(params, data_dir, out)[3:]]  # fmt: skip
+    return [
+        sys.executable,
+        "-c",
+        SIGNAL_AFTER_CHECKPOINT,
+        str(epoch),
+        how,
+        *train_args(params, data_dir, out),
+    ]
 
 
 def assert_steps_once(store: Path, run_id: str, epochs: int) -> None:
@@ -91,8 +109,12 @@ def uninterrupted(tmp_path_factory):
     params = write_params(folder / "params.yaml", epochs=20)
     out = folder / "reference"
     out.mkdir()
-    subprocess.run(train_cmd(params, data_dir, out), env=env_for(folder / "ref.db"),
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        train_cmd(params, data_dir, out),
+        env=env_for(folder / "ref.db"),
+        check=True,
+        capture_output=True,
+    )
     return data_dir, params, out
 
 
@@ -101,9 +123,13 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, uninterrupted, how
     data_dir, params, reference = uninterrupted
     out, store = tmp_path / "interrupted", tmp_path / "store.db"
     out.mkdir()
-    interrupted = subprocess.run(signalled_train_cmd(3, how, params, data_dir, out),
-                                 env=env_for(store), capture_output=True, text=True,
-                                 timeout=300)  # fmt: skip
+    interrupted = subprocess.run(
+        signalled_train_cmd(3, how, params, data_dir, out),
+        env=env_for(store),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     stderr = interrupted.stderr
     assert interrupted.returncode != 0
     assert (out / "checkpoint.pt").exists() and not (out / "vae.pt").exists()
@@ -116,8 +142,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, uninterrupted, how
         assert "Traceback" not in stderr
         assert run.info.status == "KILLED"
 
-    resumed = subprocess.run(train_cmd(params, data_dir, out), env=env_for(store),
-                             capture_output=True, text=True)  # fmt: skip
+    resumed = subprocess.run(
+        train_cmd(params, data_dir, out), env=env_for(store), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "train: resuming after epoch" in resumed.stdout
     assert not (out / "checkpoint.pt").exists()
@@ -141,12 +168,21 @@ def test_changed_params_start_fresh_saying_why(tmp_path, fake_data_dir):
     params = write_params(tmp_path / "params.yaml", epochs=25)
     out, store = tmp_path / "out", tmp_path / "store.db"
     out.mkdir()
-    killed = subprocess.run(signalled_train_cmd(2, "SIGKILL", params, fake_data_dir, out),
-                            env=env_for(store), capture_output=True, timeout=300)  # fmt: skip
+    killed = subprocess.run(
+        signalled_train_cmd(2, "SIGKILL", params, fake_data_dir, out),
+        env=env_for(store),
+        capture_output=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL
     write_params(params, epochs=3, lr=0.002)
-    result = subprocess.run(train_cmd(params, fake_data_dir, out), env=env_for(store),
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        train_cmd(params, fake_data_dir, out),
+        env=env_for(store),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "starting fresh: the params changed" in result.stdout
     assert "train.lr: 0.001 -> 0.002" in result.stdout
     assert len(read_history(out / "history.csv")) == 3
@@ -163,8 +199,12 @@ def test_a_checkpoint_that_is_not_tensors_is_refused_and_kept(tmp_path, fake_dat
 
     torch.save({"version": 1, "payload": Exploit()}, out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
-    result = subprocess.run(train_cmd(write_params(tmp_path / "p.yaml"), fake_data_dir, out),
-                            env=env_for(store), capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        train_cmd(write_params(tmp_path / "p.yaml"), fake_data_dir, out),
+        env=env_for(store),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "not a usable vaelab checkpoint" in result.stderr and "Delete it" in result.stderr
     assert not marker.exists()
@@ -194,16 +234,18 @@ def test_divergence_in_the_last_step_of_an_epoch_is_caught(fake_data_dir, tiny_p
     test_x, _ = load_split(fake_data_dir, train=False)
     one_step = dataclasses.replace(tiny_params.train, lr=1e30, batch_size=len(train_x), epochs=1)
     with pytest.raises(VaelabError, match=r"test ELBO became NaN or infinite after epoch 1: "):
-        train_model(dataclasses.replace(tiny_params, train=one_step), train_x, test_x,
-                    torch.device("cpu"))  # fmt: skip
+        train_model(
+            dataclasses.replace(tiny_params, train=one_step), train_x, test_x, torch.device("cpu")
+        )
 
 
 def test_divergence_marks_the_run_failed_with_the_reason(tmp_path, fake_data_dir):
     out, store = tmp_path / "out", tmp_path / "store.db"
     out.mkdir()
     params = write_params(tmp_path / "params.yaml", lr=1e30)
-    result = subprocess.run(train_cmd(params, fake_data_dir, out), env=env_for(store),
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        train_cmd(params, fake_data_dir, out), env=env_for(store), capture_output=True, text=True
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (run,) = client(store).search_runs(["1"])
     assert run.info.status == "FAILED"
@@ -224,8 +266,13 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path, fake_d
         env = env_for(tmp_path / "unused.db") | {"MLFLOW_TRACKING_URI": uri}
         # Fast means before the first epoch (asserted below), not within some seconds; the
         # timeout only stops a hang (MLflow's own client retries for minutes).
-        result = subprocess.run(train_cmd(write_params(tmp_path / "p.yaml"), fake_data_dir, out),
-                                env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+        result = subprocess.run(
+            train_cmd(write_params(tmp_path / "p.yaml"), fake_data_dir, out),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     assert result.returncode == 2
     assert f"cannot reach the MLflow tracking server http://127.0.0.1:{port}" in result.stderr
     assert "epoch" not in result.stdout.replace("epochs", "")
@@ -239,9 +286,15 @@ def test_two_trainings_at_once_on_a_fresh_store_both_complete(tmp_path, fake_dat
         out = tmp_path / f"out{seed}"
         out.mkdir()
         params = write_params(tmp_path / f"params{seed}.yaml", seed=seed, epochs=3)
-        processes.append(subprocess.Popen(train_cmd(params, fake_data_dir, out),
-                                          env=env_for(store), stderr=subprocess.PIPE,
-                                          stdout=subprocess.DEVNULL, text=True))  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                train_cmd(params, fake_data_dir, out),
+                env=env_for(store),
+                stderr=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                text=True,
+            )
+        )
     for process in processes:
         _, stderr = process.communicate(timeout=240)
         assert process.returncode == 0, stderr
@@ -254,8 +307,9 @@ def test_two_trainings_at_once_on_a_fresh_store_both_complete(tmp_path, fake_dat
 def test_a_checkpoint_of_the_last_epoch_finishes_the_stage(tmp_path, fake_data_dir, tiny_params):
     """Killed after the final checkpoint, before exiting: DVC has deleted the history; the
     rerun has no epoch left to train and must still write every output."""
+    from vaelab.checkpoints import save as save_checkpoint
+    from vaelab.checkpoints import training_config
     from vaelab.data import load_split
-    from vaelab.train import save_checkpoint, training_config
 
     out, store = tmp_path / "out", tmp_path / "store.db"
     out.mkdir()
@@ -271,8 +325,12 @@ def test_a_checkpoint_of_the_last_epoch_finishes_the_stage(tmp_path, fake_data_d
         save_checkpoint(out / "checkpoint.pt", state, config, data_md5, "run-deleted-since")
 
     model, history = train_model(params, train_x, test_x, torch.device("cpu"), on_state=keep)
-    result = subprocess.run(train_cmd(params_file, fake_data_dir, out), env=env_for(store),
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        train_cmd(params_file, fake_data_dir, out),
+        env=env_for(store),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "resuming after epoch 2" in result.stdout
     assert len(read_history(out / "history.csv")) == 2
@@ -284,7 +342,9 @@ def test_a_checkpoint_of_the_last_epoch_finishes_the_stage(tmp_path, fake_data_d
 
 
 def test_a_checkpoint_from_another_device_or_code_is_not_resumed(tmp_path, tiny_params):
-    from vaelab.train import load_checkpoint, save_checkpoint, training_config
+    from vaelab.checkpoints import load as load_checkpoint
+    from vaelab.checkpoints import save as save_checkpoint
+    from vaelab.checkpoints import training_config
 
     config = training_config(tiny_params, torch.device("cpu"))
     state = {"epoch": 1, "history": []}
@@ -292,6 +352,6 @@ def test_a_checkpoint_from_another_device_or_code_is_not_resumed(tmp_path, tiny_
     assert load_checkpoint(tmp_path / "c.pt", config, {"a": "1"})[0]["epoch"] == 1
     cuda = config | {"device": "cuda"}
     assert "device: cpu -> cuda" in load_checkpoint(tmp_path / "c.pt", cuda, {"a": "1"})[1]
-    edited = config | {"code.model.py": "0" * 32}
-    assert "code.model.py" in load_checkpoint(tmp_path / "c.pt", edited, {"a": "1"})[1]
+    edited = config | {"code.vaelab.model": "0" * 32}
+    assert "code.vaelab.model" in load_checkpoint(tmp_path / "c.pt", edited, {"a": "1"})[1]
     assert "the data changed" in load_checkpoint(tmp_path / "c.pt", config, {"a": "2"})[1]

@@ -62,12 +62,17 @@ def test_loss_is_batch_size_invariant():
     for size in (1, 8, 16):
         parts = [
             m.training_loss(
-                m.elbo_terms(x[i : i + size], logits[i : i + size], mu[i : i + size],
-                             logvar[i : i + size], "gaussian"),
+                m.elbo_terms(
+                    x[i : i + size],
+                    logits[i : i + size],
+                    mu[i : i + size],
+                    logvar[i : i + size],
+                    "gaussian",
+                ),
                 beta=1.0,
             )
             for i in range(0, 64, size)
-        ]  # fmt: skip
+        ]
         torch.testing.assert_close(torch.stack(parts).mean(), whole)
 
 
@@ -146,8 +151,10 @@ def test_a_model_saved_before_hidden_was_a_list_still_loads(tmp_path):
     for key, value in new.state_dict().items():
         layer, tensor = key.rsplit(".", 1)
         old_state[f"{renamed.get(layer, layer)}.{tensor}"] = value
-    torch.save({"config": {"latent_dims": 2, "hidden_dims": 8}, "state_dict": old_state},
-               tmp_path / "old.pt")  # fmt: skip
+    torch.save(
+        {"config": {"latent_dims": 2, "hidden_dims": 8}, "state_dict": old_state},
+        tmp_path / "old.pt",
+    )
     loaded = m.load(tmp_path / "old.pt")
     z = torch.randn(4, 2)
     torch.testing.assert_close(loaded.decode(z), new.decode(z))

@@ -69,8 +69,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("section", "key", "value", "fragments"), BAD,
-                         ids=[f"{s}.{k}={v!r}" for s, k, v, _ in BAD])  # fmt: skip
+@pytest.mark.parametrize(
+    ("section", "key", "value", "fragments"), BAD, ids=[f"{s}.{k}={v!r}" for s, k, v, _ in BAD]
+)
 def test_bad_values_are_rejected_with_a_clear_message(tmp_path, section, key, value, fragments):
     raw = _raw()
     raw[section][key] = value

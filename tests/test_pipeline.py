@@ -30,30 +30,47 @@ import yaml
 
 from tests.conftest import PROJECT, TINY, write_fake_mnist
 from vaelab import params as params_mod
+from vaelab.history import COLUMNS as HISTORY_COLUMNS
 from vaelab.plot import FIGURES
-from vaelab.train import HISTORY_COLUMNS
 
 EXPERIMENT = "vaelab"
 PER_EPOCH = [c for c in HISTORY_COLUMNS if c != "epoch"]
-EVAL_METRICS = ["eval/test/neg_elbo", "eval/test/recon", "eval/test/kl",
-                "eval/train/neg_elbo", "eval/train_last_epoch/neg_elbo", "eval/test_iw/nll",
-                "eval/test_iw/nll_stderr", "eval/latent/active_units",
-                "eval/latent/probe_accuracy", "eval/test_per_digit/0"]  # fmt: skip
+EVAL_METRICS = [
+    "eval/test/neg_elbo",
+    "eval/test/recon",
+    "eval/test/kl",
+    "eval/train/neg_elbo",
+    "eval/train_last_epoch/neg_elbo",
+    "eval/test_iw/nll",
+    "eval/test_iw/nll_stderr",
+    "eval/latent/active_units",
+    "eval/latent/probe_accuracy",
+    "eval/test_per_digit/0",
+]
 
 
 def _env(repo: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_")) and k != "VIRTUAL_ENV"}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DVC_")) and k != "VIRTUAL_ENV"
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env |= {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+    env |= {
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.invalid",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+    }
     return env
 
 
 def run(repo: Path, *cmd: str, timeout: int = 300) -> str:
-    result = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True,
-                            timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        cmd, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output}"
     return output
@@ -63,8 +80,11 @@ def make_repo(path: Path) -> Path:
     """A git + DVC repository with the project's files, tiny params and committed fake data."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in files:
         if name.startswith(("tests/", "reports/")) or name == "dvc.lock":
             continue
@@ -135,14 +155,17 @@ def move_store(db: Path, old: Path, new: Path) -> None:
     artifact locations as absolute paths, so a copied repository would still log into the
     original's mlartifacts/."""
     with contextlib.closing(sqlite3.connect(db)) as store:
-        tables = [row[0] for row in store.execute("SELECT name FROM sqlite_master "
-                                                   "WHERE type = 'table'")]  # fmt: skip
+        tables = [
+            row[0] for row in store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        ]
         for table in tables:
             for column in store.execute(f"PRAGMA table_info('{table}')").fetchall():
                 name, kind = column[1], column[2].upper()
                 if kind.startswith(("VARCHAR", "TEXT")):
-                    store.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?)',
-                                  (str(old), str(new)))  # fmt: skip
+                    store.execute(
+                        f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?)',
+                        (str(old), str(new)),
+                    )
         store.commit()
 
 
@@ -227,23 +250,57 @@ def test_a_preset_runs_as_a_named_experiment(reproduced_copy):
     the Bernoulli path end to end: dynamic binarisation, with KL warm-up."""
     repo = reproduced_copy
     count = len(runs(repo))
-    preset = [sys.executable, "-m", "vaelab.presets", "--dir", "presets", "--params",
-              "params.yaml", "iwae-benchmark"]  # fmt: skip
-    output = run(repo, *preset, "-S", "train.epochs=1", "-S", "evaluate.iw_samples=10",
-                 "-S", "train.kl_warmup_epochs=1")  # fmt: skip
+    preset = [
+        sys.executable,
+        "-m",
+        "vaelab.presets",
+        "--dir",
+        "presets",
+        "--params",
+        "params.yaml",
+        "iwae-benchmark",
+    ]
+    output = run(
+        repo,
+        *preset,
+        "-S",
+        "train.epochs=1",
+        "-S",
+        "evaluate.iw_samples=10",
+        "-S",
+        "train.kl_warmup_epochs=1",
+    )
     assert "-S 'model.hidden=[200,200]'" in output
     (new,) = runs(repo)[count:]
     assert new.info.run_name == "iwae-benchmark"
-    got = {k: new.data.params[k] for k in ("model.hidden", "model.activation", "model.latent_dims",
-                                           "train.batch_size", "train.epochs", "data.source",
-                                           "train.device", "evaluate.iw_samples")}  # fmt: skip
-    assert got == {"model.hidden": "[200, 200]", "model.activation": "tanh",
-                   "model.latent_dims": "50", "train.batch_size": "20", "train.epochs": "1",
-                   "data.source": "custom", "train.device": "cpu",  # kept from params.yaml
-                   "evaluate.iw_samples": "10"}  # fmt: skip
+    got = {
+        k: new.data.params[k]
+        for k in (
+            "model.hidden",
+            "model.activation",
+            "model.latent_dims",
+            "train.batch_size",
+            "train.epochs",
+            "data.source",
+            "train.device",
+            "evaluate.iw_samples",
+        )
+    }
+    assert got == {
+        "model.hidden": "[200, 200]",
+        "model.activation": "tanh",
+        "model.latent_dims": "50",
+        "train.batch_size": "20",
+        "train.epochs": "1",
+        "data.source": "custom",
+        "train.device": "cpu",  # kept from params.yaml
+        "evaluate.iw_samples": "10",
+    }
     assert_complete(repo, new, repo / "params.yaml")
     assert (new.data.params["data.binarize"], new.data.params["loss.likelihood"]) == (
-        "dynamic", "bernoulli")  # fmt: skip
+        "dynamic",
+        "bernoulli",
+    )
     # Bernoulli NLL of binary images: positive nats, the IW bound below the negative ELBO.
     assert 0 < new.data.metrics["eval/test_iw/nll"] <= new.data.metrics["eval/test_iw/neg_elbo"]
     saved = torch.load(repo / "models" / "vae.pt", weights_only=True)["config"]
@@ -268,7 +325,9 @@ def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
     done = runs(repo)
     assert len(done) == 2
     assert sorted(r.data.tags["params.changed"] for r in done) == [
-        "train.seed=1, mlflow.sweep=seeds", "train.seed=2, mlflow.sweep=seeds"]  # fmt: skip
+        "train.seed=1, mlflow.sweep=seeds",
+        "train.seed=2, mlflow.sweep=seeds",
+    ]
     for r in done:
         assert r.data.tags["dvc.exp_name"] == r.info.run_name
         assert r.data.tags["dvc.baseline_rev"] == run(repo, "git", "rev-parse", "HEAD").strip()
@@ -276,9 +335,22 @@ def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
         run(repo, "dvc", "exp", "apply", r.info.run_name)
         assert_complete(repo, r, repo / "params.yaml")
     # The sweep's comparison, as make sweep ends.
-    run(repo, sys.executable, "-m", "vaelab.compare", "--params", "params.yaml", "--report",
-        "reports/comparison.md", "--figures", "reports/comparison", "--filter",
-        "tags.sweep = 'seeds'", "--expect-runs", "2")  # fmt: skip
+    run(
+        repo,
+        sys.executable,
+        "-m",
+        "vaelab.compare",
+        "--params",
+        "params.yaml",
+        "--report",
+        "reports/comparison.md",
+        "--figures",
+        "reports/comparison",
+        "--filter",
+        "tags.sweep = 'seeds'",
+        "--expect-runs",
+        "2",
+    )
     table = (repo / "reports" / "comparison.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| run"))
     assert "train.seed" in header and "eval/test_iw/nll" in header

@@ -22,7 +22,11 @@ def apply(name: str, current: params_mod.Params, **overrides) -> params_mod.Para
 
 def test_the_four_presets_exist_and_are_valid():
     assert presets.available(PRESETS) == [
-        "bernoulli-2d", "iwae-benchmark", "tutorial", "tutorial-exact"]  # fmt: skip
+        "bernoulli-2d",
+        "iwae-benchmark",
+        "tutorial",
+        "tutorial-exact",
+    ]
     project = params_mod.load(PROJECT / "params.yaml")
     for name in presets.available(PRESETS):
         apply(name, project)  # raises on a bad value
@@ -40,10 +44,16 @@ def test_presets_are_what_they_claim(tiny_params):
     assert exact.loss.beta * 64 == 1 and dataclasses.replace(exact.loss, beta=1.0) == defaults.loss
     b2d = apply("bernoulli-2d", tiny_params)
     assert (b2d.loss.likelihood, b2d.data.binarize, b2d.model.latent_dims) == (
-        "bernoulli", "dynamic", 2)  # fmt: skip
+        "bernoulli",
+        "dynamic",
+        2,
+    )
     iwae = apply("iwae-benchmark", tiny_params)
     assert (iwae.model.hidden, iwae.model.latent_dims, iwae.model.activation) == (
-        (200, 200), 50, "tanh")  # fmt: skip
+        (200, 200),
+        50,
+        "tanh",
+    )
     assert (iwae.data.binarize, iwae.evaluate.iw_samples) == ("dynamic", 5000)
 
 
@@ -75,8 +85,17 @@ def test_a_bad_preset_is_named(tmp_path, tiny_params, text, message):
 
 
 def test_dry_run_prints_the_command_and_unknown_presets_fail(capsys):
-    presets.main(["--dir", str(PRESETS), "--params", str(PROJECT / "params.yaml"),
-                  "tutorial-exact", "--dry-run", "--queue"])  # fmt: skip
+    presets.main(
+        [
+            "--dir",
+            str(PRESETS),
+            "--params",
+            str(PROJECT / "params.yaml"),
+            "tutorial-exact",
+            "--dry-run",
+            "--queue",
+        ]
+    )
     assert capsys.readouterr().out.strip() == (
         "dvc exp run -n tutorial-exact -S loss.beta=0.015625 --queue"
     )

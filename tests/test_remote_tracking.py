@@ -15,7 +15,7 @@ import pytest
 from tests.test_pipeline import EVAL_METRICS, EXPERIMENT, PER_EPOCH
 from vaelab import params as params_mod
 from vaelab import tracking
-from vaelab.data import md5_of
+from vaelab.files import md5_of
 from vaelab.plot import FIGURES
 
 
@@ -110,7 +110,7 @@ def test_an_experiment_created_meanwhile_by_another_process_is_used(tracking_ser
     lookup = MlflowClient.get_experiment_by_name
     calls = []
 
-    def not_there_yet(self, experiment_name):  # noqa: ANN001, ANN202 - the first lookup misses it
+    def not_there_yet(self, experiment_name):  # the first lookup misses it
         calls.append(experiment_name)
         return None if len(calls) == 1 else lookup(self, experiment_name)
 
@@ -130,7 +130,7 @@ def test_make_ui_serves_the_local_store_when_the_uri_is_a_server(tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     executed = []
 
-    def exec_instead(path, argv):  # noqa: ANN001, ANN202 - stands in for os.execv
+    def exec_instead(path, argv):  # stands in for os.execv
         executed.append(argv)
         raise SystemExit(0)
 

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import PROJECT
 from vaelab import params as params_mod
 from vaelab import tracking
-from vaelab.train import HISTORY_COLUMNS
+from vaelab.history import COLUMNS as HISTORY_COLUMNS
 
 
 @pytest.fixture
@@ -29,10 +29,14 @@ def _outputs(tmp_path, params, checksums, run_id) -> tracking.PipelineOutputs:
     folder = tmp_path / "outputs"
     (folder / "figures").mkdir(parents=True, exist_ok=True)
     outputs = tracking.PipelineOutputs(
-        params_file=folder / "params.yaml", run_info=folder / "run.json",
-        checksums=folder / "checksums.json", history=folder / "history.csv",
-        metrics=folder / "metrics.json", figures=folder / "figures", model=folder / "vae.pt",
-    )  # fmt: skip
+        params_file=folder / "params.yaml",
+        run_info=folder / "run.json",
+        checksums=folder / "checksums.json",
+        history=folder / "history.csv",
+        metrics=folder / "metrics.json",
+        figures=folder / "figures",
+        model=folder / "vae.pt",
+    )
     outputs.params_file.write_text("placeholder: the params object is passed directly\n")
     outputs.run_info.write_text(json.dumps({"run_id": run_id}))
     outputs.checksums.write_text(json.dumps(checksums))
@@ -52,7 +56,7 @@ CHECKSUMS = {"source": "custom", "files": {"a": {"md5": "0" * 32}}}
 
 
 def _train_run(params) -> str:
-    with tracking.training_run(params, CHECKSUMS, "cpu", PARAMS_FILE) as run:
+    with tracking.training_run(params, CHECKSUMS, device="cpu", params_file=PARAMS_FILE) as run:
         for row in HISTORY:
             run.log_epoch(row)
     return run.run_id
@@ -76,8 +80,9 @@ def assert_recorded(store, run_id: str, params, outputs: tracking.PipelineOutput
     reports = {a.path for a in store.list_artifacts(run_id, "reports")}
     sent = (outputs.params_file, outputs.metrics, outputs.history, outputs.checksums)
     assert reports == {f"reports/{p.name}" for p in sent}
-    model = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/vae.pt",
-                                                tracking_uri=store.tracking_uri)  # fmt: skip
+    model = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="model/vae.pt", tracking_uri=store.tracking_uri
+    )
     assert Path(model).read_bytes() == outputs.model.read_bytes()
     assert tracking.FINGERPRINT_TAG in run.data.tags
 
@@ -126,8 +131,9 @@ def test_a_superseded_train_run_does_not_stay_running(store, tmp_path, tiny_para
     outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
     outputs.history.write_text("epoch\n1\n")
     # evaluate failed, then the user changed an evaluate param: the params no longer match.
-    changed = dataclasses.replace(tiny_params, evaluate=dataclasses.replace(tiny_params.evaluate,
-                                                                            seed=9))  # fmt: skip
+    changed = dataclasses.replace(
+        tiny_params, evaluate=dataclasses.replace(tiny_params.evaluate, seed=9)
+    )
     rebuilt = tracking.record(changed, outputs, HISTORY)
     assert rebuilt != run_id
     old = store.get_run(run_id)
@@ -139,7 +145,9 @@ def test_a_superseded_train_run_does_not_stay_running(store, tmp_path, tiny_para
 def test_training_run_is_failed_with_the_reason(store, tiny_params):
     with (
         pytest.raises(RuntimeError),
-        tracking.training_run(tiny_params, CHECKSUMS, "cpu", PARAMS_FILE) as run,
+        tracking.training_run(
+            tiny_params, CHECKSUMS, device="cpu", params_file=PARAMS_FILE
+        ) as run,
     ):
         raise RuntimeError("loss exploded")
     failed = store.get_run(run.run_id)

@@ -13,8 +13,10 @@ import torch
 
 from tests.conftest import N_TRAIN
 from vaelab.data import load_split
+from vaelab.device import resolve as resolve_device
 from vaelab.errors import VaelabError
-from vaelab.train import HISTORY_COLUMNS, kl_weights, resolve_device, train_model
+from vaelab.history import COLUMNS as HISTORY_COLUMNS
+from vaelab.training import kl_weights, train_model
 
 TIMING = {"epoch_seconds", "images_per_second"}
 
@@ -77,12 +79,28 @@ def test_stage_reports_user_errors_without_a_traceback(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("train:\n  epochs: [\n")
     result = subprocess.run(
-        [sys.executable, "-m", "vaelab.train", "--params", str(bad), "--data-dir", str(tmp_path),
-         "--model", str(tmp_path / "m.pt"), "--history", str(tmp_path / "h.csv"),
-         "--run-info", str(tmp_path / "r.json"), "--checkpoint", str(tmp_path / "c.pt")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "vaelab.train",
+            "--params",
+            str(bad),
+            "--data-dir",
+            str(tmp_path),
+            "--model",
+            str(tmp_path / "m.pt"),
+            "--history",
+            str(tmp_path / "h.csv"),
+            "--run-info",
+            str(tmp_path / "r.json"),
+            "--checkpoint",
+            str(tmp_path / "c.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-    )  # fmt: skip
+    )
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {bad}: not valid YAML at line")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -110,10 +128,26 @@ def test_benchmark_smoke(fake_data_dir, tmp_path):
     """`python -m vaelab.bench` end to end on the fake MNIST: the table's shape, not its speed."""
     report = tmp_path / "benchmark.md"
     result = subprocess.run(
-        [sys.executable, "-m", "vaelab.bench", "--data-dir", str(fake_data_dir), "--epochs", "2",
-         "--batch-size", "32", "--sweep", "64", "--device", "cpu", "--report", str(report)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "vaelab.bench",
+            "--data-dir",
+            str(fake_data_dir),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--sweep",
+            "64",
+            "--device",
+            "cpu",
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     rows = [line for line in report.read_text().splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows] == ["loop", "reference", "vaelab", "vaelab"]
@@ -149,7 +183,7 @@ def test_kl_warmup_weights_the_kl_below_beta_while_it_lasts(tiny_params, fake_da
 def test_dynamic_binarization_changes_between_epochs_and_the_test_set_does_not(
     tiny_params, fake_data_dir, monkeypatch
 ):
-    import vaelab.train as train_module
+    import vaelab.training as train_module
     from vaelab.data import evaluation_images
 
     seen = []
@@ -188,8 +222,9 @@ def test_an_epoch_is_the_plain_loop_including_the_smaller_last_batch(tiny_params
     permutation, the mean over its images of 0.5 * SSE + KL, one Adam step. The fake training
     set does not divide by the batch size, so the last batch is smaller and must be averaged over
     its own size (with the full batch's divisor its gradient would shrink)."""
-    params = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train,
-                                                                        epochs=1))  # fmt: skip
+    params = dataclasses.replace(
+        tiny_params, train=dataclasses.replace(tiny_params.train, epochs=1)
+    )
     cfg = params.train
     model, _ = _train(params, fake_data_dir)
 
@@ -222,7 +257,7 @@ def test_main_gives_back_the_signal_handlers_it_found(tmp_path, fake_data_dir, m
     else Ctrl-C would no longer stop pytest."""
     import signal
 
-    from tests.test_faults import write_params
+    from tests.test_faults import train_args, write_params
     from vaelab import train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
@@ -234,10 +269,7 @@ def test_main_gives_back_the_signal_handlers_it_found(tmp_path, fake_data_dir, m
         pass
 
     def main(params) -> None:
-        train.main(["--params", str(params), "--data-dir", str(fake_data_dir),
-                    "--model", str(tmp_path / "vae.pt"), "--history", str(tmp_path / "h.csv"),
-                    "--run-info", str(tmp_path / "run.json"),
-                    "--checkpoint", str(tmp_path / "c.pt")])  # fmt: skip
+        train.main(train_args(params, fake_data_dir, tmp_path))
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

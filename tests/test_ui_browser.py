@@ -58,7 +58,7 @@ def _within(inner: dict | None, outer: dict | None) -> bool:
     )
 
 
-def _scroll_metrics(page, names, values, y: int) -> None:  # noqa: ANN001 - playwright handles
+def _scroll_metrics(page, names, values, y: int) -> None:  # playwright handles
     """Scroll the compare view's metric values to y and wait until the names follow.
 
     MLflow 3.17.2 moves the names grid from the values grid's scroll handler with the position
@@ -88,7 +88,7 @@ def _scroll_metrics(page, names, values, y: int) -> None:  # noqa: ANN001 - play
     raise AssertionError(f"the metric names did not follow the values to {y}px")
 
 
-def metric_values(page, name: str) -> list[str]:  # noqa: ANN001 - a playwright Page
+def metric_values(page, name: str) -> list[str]:  # a playwright Page
     """The texts of the value cells on the line of metric ``name`` in the compare view, left to
     right, once that line is really in view.
 

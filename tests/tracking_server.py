@@ -88,17 +88,34 @@ def _start(folder: Path, port: int) -> subprocess.Popen | None:
     server = TrackingServer(f"http://127.0.0.1:{port}", folder)
     mlflow = Path(sys.executable).parent / "mlflow"
     # One worker: the default four take longer to start on 2 cores and tests need no more.
-    command = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-               "--artifacts-destination", str(server.artifacts),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    command = [
+        str(mlflow),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(server.artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # No job runner: it starts eight more Python processes (huey consumers for GenAI jobs such
     # as judges and trace roll-ups) that cost CPU here and ~6 s to stop; runs do not use them.
     env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with server.log.open("wb") as log:
         # Its own session: the server forks workers, and the whole group is stopped at the end.
-        process = subprocess.Popen(command, cwd=folder, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            command,
+            cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while True:
@@ -111,8 +128,10 @@ def _start(folder: Path, port: int) -> subprocess.Popen | None:
                 server.get("experiments/search", max_results="1")
             except (OSError, ValueError):  # refused, reset, 5xx while starting
                 if time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not answer in {START_TIMEOUT_S} s:\n"
-                                f"{server.log.read_text()[-5000:]}")  # fmt: skip
+                    pytest.fail(
+                        f"mlflow server did not answer in {START_TIMEOUT_S} s:\n"
+                        f"{server.log.read_text()[-5000:]}"
+                    )
                 time.sleep(0.5)
                 continue
             if process.poll() is None:  # it answered, and it is ours (still running)
@@ -178,7 +197,13 @@ def fill(server: TrackingServer, folder: Path) -> FilledStore:
         # `dvc exp run` applies its result to the workspace, so params.yaml is that run's now.
         params_files.append(Path(shutil.copy2(repo / "params.yaml", snapshots / f"{name}.yaml")))
     experiment = server.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
-    found = server.post("runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                        "order_by": ["attributes.start_time ASC"]})  # fmt: skip
-    return FilledStore(server, repo, experiment["experiment_id"], found.get("runs", []),
-                       params_files)  # fmt: skip
+    found = server.post(
+        "runs/search",
+        {
+            "experiment_ids": [experiment["experiment_id"]],
+            "order_by": ["attributes.start_time ASC"],
+        },
+    )
+    return FilledStore(
+        server, repo, experiment["experiment_id"], found.get("runs", []), params_files
+    )

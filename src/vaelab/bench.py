@@ -7,7 +7,7 @@ Each configuration runs in a fresh subprocess (so peak memory is its own) and pr
 Times exclude the first (warm-up) epoch. The reference is the tutorial reproduced faithfully:
 torchvision's MNIST with ToTensor, DataLoader(batch_size=64, shuffle=True), its model (two
 separate mu/logvar heads, noise drawn on the CPU and moved), loss 0.5*SSE summed + KL averaged,
-``.to(device)`` per batch, Adam 1e-3. vaelab runs ``vaelab.train.train_model`` with beta = 1/64,
+``.to(device)`` per batch, Adam 1e-3. vaelab runs ``vaelab.training.train_model`` with beta = 1/64,
 which is the same objective up to a constant factor (tests/test_model.py checks the identity).
 """
 
@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaelab import device as device_mod
 from vaelab import params as params_mod
-from vaelab.data import atomic_write_bytes, load_split
+from vaelab.data import load_split
 from vaelab.errors import VaelabError, run_stage
+from vaelab.files import atomic_write_bytes
 from vaelab.model import VAE, dataset_elbo
-from vaelab.train import resolve_device, train_model
+from vaelab.training import train_model
 
 TUTORIAL_BATCH = 64
 
@@ -82,8 +84,9 @@ class TutorialVAE(nn.Module):
         vae = VAE(self.encoder.linear2.out_features, (512,))
         with torch.no_grad():
             vae.encoder[0].load_state_dict(self.encoder.linear1.state_dict())
-            vae.enc_head.weight.copy_(torch.cat([self.encoder.linear2.weight,
-                                                 self.encoder.linear3.weight]))  # fmt: skip
+            vae.enc_head.weight.copy_(
+                torch.cat([self.encoder.linear2.weight, self.encoder.linear3.weight])
+            )
             vae.enc_head.bias.copy_(
                 torch.cat([self.encoder.linear2.bias, self.encoder.linear3.bias])
             )
@@ -118,8 +121,10 @@ def run_reference(data_dir: Path, epochs: int, device: torch.device, seed: int) 
     )
     train_images, _ = load_split(data_dir, train=True)  # verified; the reference must read these
     if not torch.equal(mnist.data, train_images):
-        raise VaelabError(f"torchvision read other images than {data_dir / 'raw'} holds; remove "
-                          f"{data_dir / 'processed'} if it exists.")  # fmt: skip
+        raise VaelabError(
+            f"torchvision read other images than {data_dir / 'raw'} holds; remove "
+            f"{data_dir / 'processed'} if it exists."
+        )
     loader = torch.utils.data.DataLoader(mnist, batch_size=TUTORIAL_BATCH, shuffle=True)
     model = TutorialVAE(2).to(device)
     optimizer = torch.optim.Adam(model.parameters())
@@ -139,8 +144,13 @@ def run_reference(data_dir: Path, epochs: int, device: torch.device, seed: int) 
     test_images, _ = load_split(data_dir, train=False)
     noise = torch.Generator(device=device).manual_seed(seed)
     test = dataset_elbo(model.to_vaelab(), test_images.to(device), "gaussian", noise)
-    return {"images": len(mnist), "seconds": seconds, "memory_mb": memory,
-            "test_neg_elbo": test["neg_elbo"], "eval_seconds": None}  # fmt: skip
+    return {
+        "images": len(mnist),
+        "seconds": seconds,
+        "memory_mb": memory,
+        "test_neg_elbo": test["neg_elbo"],
+        "eval_seconds": None,
+    }
 
 
 # ----------------------------------------------------------------------------- vaelab
@@ -156,7 +166,7 @@ def run_vaelab(
         loss=dataclasses.replace(defaults.loss, beta=1 / TUTORIAL_BATCH),
         train=dataclasses.replace(
             defaults.train, epochs=epochs, batch_size=batch_size, seed=seed, compile=compile
-        ),  # fmt: skip
+        ),
     )
     train_images, _ = load_split(data_dir, train=True)
     test_images, _ = load_split(data_dir, train=False)
@@ -167,7 +177,7 @@ def run_vaelab(
             train_images,
             test_images,
             device,
-            lambda row: memory.append(_memory_mb(device)),
+            on_epoch=lambda row: memory.append(_memory_mb(device)),
         )
     test_on_device = test_images.to(device)
     noise = torch.Generator(device=device).manual_seed(seed)
@@ -175,9 +185,13 @@ def run_vaelab(
     started = time.perf_counter()
     test = dataset_elbo(model, test_on_device, "gaussian", noise)
     _sync(device)
-    return {"images": len(train_images), "seconds": [r["epoch_seconds"] for r in history],
-            "memory_mb": memory, "test_neg_elbo": test["neg_elbo"],
-            "eval_seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "images": len(train_images),
+        "seconds": [r["epoch_seconds"] for r in history],
+        "memory_mb": memory,
+        "test_neg_elbo": test["neg_elbo"],
+        "eval_seconds": time.perf_counter() - started,
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -206,8 +220,9 @@ def _worker(spec: dict) -> dict:
     data_dir = Path(spec["data_dir"])
     if spec["loop"] == "reference":
         return run_reference(data_dir, spec["epochs"], device, spec["seed"])
-    return run_vaelab(data_dir, spec["epochs"], spec["batch_size"], device, spec["seed"],
-                      spec["compile"])  # fmt: skip
+    return run_vaelab(
+        data_dir, spec["epochs"], spec["batch_size"], device, spec["seed"], spec["compile"]
+    )
 
 
 def _spawn(spec: dict) -> dict:
@@ -215,8 +230,9 @@ def _spawn(spec: dict) -> dict:
     print(f"bench: running {label} ...", file=sys.stderr, flush=True)
     result = subprocess.run(
         [sys.executable, "-m", "vaelab.bench", "--worker", json.dumps(spec)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     if result.returncode != 0:
         raise VaelabError(f"benchmark worker for {label} failed (exit {result.returncode})")
     return spec | json.loads(result.stdout.strip().splitlines()[-1])
@@ -272,8 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=TUTORIAL_BATCH,
-                        help="vaelab's batch for the head-to-head row")  # fmt: skip
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=TUTORIAL_BATCH,
+        help="vaelab's batch for the head-to-head row",
+    )
     parser.add_argument("--sweep", default="256,1024", help="more vaelab batch sizes")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--compile", action="store_true", help="add a train.compile=true row")
@@ -289,13 +309,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--data-dir is required")
     if args.epochs < 2:
         raise VaelabError("--epochs must be >= 2: the first epoch is warm-up and not timed.")
-    device = resolve_device(args.device)
+    device = device_mod.resolve(args.device)
     load_split(args.data_dir, train=False)  # verify the data before spending minutes
-    base = {"data_dir": str(args.data_dir), "epochs": args.epochs, "device": str(device),
-            "seed": args.seed, "compile": False}  # fmt: skip
+    base = {
+        "data_dir": str(args.data_dir),
+        "epochs": args.epochs,
+        "device": str(device),
+        "seed": args.seed,
+        "compile": False,
+    }
     sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
-    specs = [base | {"loop": "reference", "batch_size": TUTORIAL_BATCH},
-             base | {"loop": "vaelab", "batch_size": args.batch_size}]  # fmt: skip
+    specs = [
+        base | {"loop": "reference", "batch_size": TUTORIAL_BATCH},
+        base | {"loop": "vaelab", "batch_size": args.batch_size},
+    ]
     if args.compile:
         specs.append(base | {"loop": "vaelab", "batch_size": args.batch_size, "compile": True})
     specs += [base | {"loop": "vaelab", "batch_size": b} for b in sweep if b != args.batch_size]
@@ -310,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
         header = "# Benchmark: the tutorial's training loop vs vaelab's\n\n"
         atomic_write_bytes(args.report, (header + table).encode())
         payload = {"machine": info, "device": str(device), "rows": rows}
-        atomic_write_bytes(args.report.with_suffix(".json"),
-                           (json.dumps(payload, indent=2) + "\n").encode())  # fmt: skip
+        atomic_write_bytes(
+            args.report.with_suffix(".json"), (json.dumps(payload, indent=2) + "\n").encode()
+        )
         print(f"bench: wrote {args.report} and {args.report.with_suffix('.json')}")
 
 

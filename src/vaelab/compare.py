@@ -34,9 +34,16 @@ from vaelab.errors import VaelabError, run_stage
 # Per-epoch metrics (their last value is the final one) and evaluation metrics, in table order;
 # a column appears only when some selected run has it.
 # (The ranking metric is always shown too.)
-METRIC_PREFIXES = ("train/neg_elbo", "test/neg_elbo", "test/recon", "test/kl", "eval/test/",
-                   "eval/test_iw/", "eval/latent/active_units",
-                   "eval/latent/probe_accuracy")  # fmt: skip
+METRIC_PREFIXES = (
+    "train/neg_elbo",
+    "test/neg_elbo",
+    "test/recon",
+    "test/kl",
+    "eval/test/",
+    "eval/test_iw/",
+    "eval/latent/active_units",
+    "eval/latent/probe_accuracy",
+)
 CURVE_METRIC = "test/neg_elbo"
 DEFAULT_METRIC = "eval/test_iw/nll"
 
@@ -58,8 +65,11 @@ def metric_columns(runs: pd.DataFrame, metric: str | None = None) -> list[str]:
     present = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
     chosen = [metric] if metric in present else []
     for prefix in METRIC_PREFIXES:
-        chosen += sorted(m for m in present if m.startswith(prefix) and m not in chosen
-                         and runs[f"metrics.{m}"].notna().any())  # fmt: skip
+        chosen += sorted(
+            m
+            for m in present
+            if m.startswith(prefix) and m not in chosen and runs[f"metrics.{m}"].notna().any()
+        )
     return chosen
 
 
@@ -77,8 +87,14 @@ def build_table(
     """The comparison table (one row per run, sorted by ``metric``), the names of the params
     that vary (its param columns) and the constant params with their one value."""
     if f"metrics.{metric}" not in runs.columns or runs[f"metrics.{metric}"].isna().all():
-        available = ", ".join(sorted(c.removeprefix("metrics.") for c in runs.columns
-                                     if c.startswith("metrics."))) or "none"  # fmt: skip
+        available = (
+            ", ".join(
+                sorted(
+                    c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")
+                )
+            )
+            or "none"
+        )
         raise VaelabError(
             f"no selected run has the metric '{metric}'; choose --metric from: {available}."
         )
@@ -87,12 +103,14 @@ def build_table(
     def tag(name: str) -> pd.Series:
         return runs.get(f"tags.{name}", pd.Series("", index=runs.index)).fillna("")
 
-    table = pd.DataFrame({
-        "run": tag("mlflow.runName"),
-        "dvc_experiment": tag("dvc.exp_name"),
-        "commit": tag("git.commit").str[:7],
-        "run_id": runs["run_id"],
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "run": tag("mlflow.runName"),
+            "dvc_experiment": tag("dvc.exp_name"),
+            "commit": tag("git.commit").str[:7],
+            "run_id": runs["run_id"],
+        }
+    )
     for name in varying:
         table[name] = runs[f"params.{name}"]
     for name in metric_columns(runs, metric):
@@ -116,15 +134,22 @@ def _cell(value: object, counts: bool) -> str:
 
 
 def markdown(table: pd.DataFrame, constant: dict[str, str], title: str, metric: str) -> str:
-    lines = [f"# {title}", "", f"{len(table)} runs, sorted by `{metric}`. Losses in nats per "
-             "image; `epoch_seconds` is the median training time of an epoch.", ""]  # fmt: skip
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(table)} runs, sorted by `{metric}`. Losses in nats per "
+        "image; `epoch_seconds` is the median training time of an epoch.",
+        "",
+    ]
     if constant:
         lines += ["Same in every run: " + ", ".join(f"`{k}={v}`" for k, v in constant.items()), ""]
     shown = [c for c in table.columns if c != "run_id"]
     lines.append("| " + " | ".join(shown) + " |")
     lines.append("|" + "---|" * len(shown))
-    counts = {c: pd.api.types.is_float_dtype(table[c])
-              and bool((table[c].dropna() % 1 == 0).all()) for c in shown}  # fmt: skip
+    counts = {
+        c: pd.api.types.is_float_dtype(table[c]) and bool((table[c].dropna() % 1 == 0).all())
+        for c in shown
+    }
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_cell(row[c], counts[c]) for c in shown) + " |")
     return "\n".join(lines) + "\n"
@@ -197,8 +222,9 @@ def plot_latents(table: pd.DataFrame, params: list[str], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
     with tempfile.TemporaryDirectory() as scratch:
         for ax, (i, row) in zip(axes.flat, table.iterrows(), strict=False):
-            local = tracking.download_artifact(row["run_id"], "figures/latent_scatter.png",
-                                               Path(scratch) / str(i))  # fmt: skip
+            local = tracking.download_artifact(
+                row["run_id"], "figures/latent_scatter.png", Path(scratch) / str(i)
+            )
             if local is not None:
                 ax.imshow(mpimg.imread(local))
             else:
@@ -267,8 +293,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--expect-runs", type=int, help="fail unless exactly this many runs match")
     args = parser.parse_args(argv)
     experiment = args.experiment or params_mod.load(args.params).mlflow.experiment
-    compare(experiment, args.report, args.figures, args.filter, args.run_ids, args.metric,
-            args.descending, log=not args.no_log, expect_runs=args.expect_runs)  # fmt: skip
+    compare(
+        experiment,
+        args.report,
+        args.figures,
+        args.filter,
+        args.run_ids,
+        args.metric,
+        args.descending,
+        log=not args.no_log,
+        expect_runs=args.expect_runs,
+    )
 
 
 if __name__ == "__main__":

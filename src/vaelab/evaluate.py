@@ -13,19 +13,25 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from vaelab import device as device_mod
+from vaelab import history as history_mod
 from vaelab import params as params_mod
-from vaelab.data import atomic_write_bytes, evaluation_images, load_split
+from vaelab.data import evaluation_images, load_split
 from vaelab.errors import run_stage
+from vaelab.files import atomic_write_bytes
 from vaelab.model import (
     GAUSSIAN_CONST_PER_PIXEL,
     PIXELS,
     VAE,
+    ElboTerms,
     dataset_elbo,
+    elbo_means,
     images_to_float,
     importance_weighted_log_px,
     load,
@@ -33,7 +39,6 @@ from vaelab.model import (
     per_image_terms,
 )
 from vaelab.params import Params
-from vaelab.train import read_history, resolve_device
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016), sec. 5.2: Cov_x(E_q[z_d]) > 0.01
 
@@ -45,22 +50,29 @@ def importance_weighted_nll(
     likelihood: str,
     samples: int,
     generator: torch.Generator,
+    *,
+    terms: ElboTerms | None = None,
     batch_size: int = 100,
 ) -> dict[str, float]:
     """-log p(x) by importance sampling with K = ``samples``, in nats per image, with its standard
     error over images; plus the negative ELBO in the same convention (the Gaussian's constant
-    784/2 log 2 pi included) and the gap between them."""
+    784/2 log 2 pi included) and the gap between them. The ELBO comes from ``terms``, the images'
+    per-image terms when the caller has them (else drawn here from ``generator``)."""
     model.eval()
     constant = PIXELS * GAUSSIAN_CONST_PER_PIXEL if likelihood == "gaussian" else 0.0
+    if terms is None:
+        terms = per_image_terms(model, images, likelihood, generator)
     log_px = []
     for start in range(0, len(images), batch_size):
         x = images_to_float(images[start : start + batch_size])
         mu, logvar = model.encode(x)
-        log_px.append(importance_weighted_log_px(
-            mu, logvar, log_px_given_z_fn(model, x, likelihood), samples, generator
-        ))  # fmt: skip
+        log_px.append(
+            importance_weighted_log_px(
+                mu, logvar, log_px_given_z_fn(model, x, likelihood), samples, generator
+            )
+        )
     nll = -torch.cat(log_px)
-    neg_elbo = per_image_terms(model, images, likelihood, generator).neg_elbo.double() + constant
+    neg_elbo = terms.recon.double() + terms.kl.double() + constant  # as elbo_means sums
     return {
         "nll": nll.mean().item(),
         "nll_stderr": (nll.std() / len(nll) ** 0.5).item(),
@@ -74,10 +86,12 @@ def importance_weighted_nll(
 def latent_means(model: VAE, images: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
     """E_q[z|x] of every image, (N, latent)."""
     model.eval()
-    return torch.cat([
-        model.encode(images_to_float(images[i : i + batch_size]))[0]
-        for i in range(0, len(images), batch_size)
-    ])  # fmt: skip
+    return torch.cat(
+        [
+            model.encode(images_to_float(images[i : i + batch_size]))[0]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def active_units(means: torch.Tensor) -> int:
@@ -117,15 +131,19 @@ def probe_accuracy(
     return (predicted == test_y).double().mean().item()
 
 
-def per_class_neg_elbo(
-    model: VAE,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    likelihood: str,
-    generator: torch.Generator,
-) -> dict[str, float]:
-    terms = per_image_terms(model, images, likelihood, generator).neg_elbo.double().cpu()
-    return {str(int(c)): terms[labels == c].mean().item() for c in labels.unique().sort()[0]}
+def per_class_neg_elbo(terms: ElboTerms, labels: torch.Tensor) -> dict[str, float]:
+    """Mean negative ELBO of each label's images, from the set's per-image ``terms``: weighted
+    by the label counts, the values average to the set's own mean."""
+    neg_elbo = (terms.recon.double() + terms.kl.double()).cpu()  # as elbo_means sums
+    labels = labels.cpu()
+    return {str(int(c)): neg_elbo[labels == c].mean().item() for c in labels.unique().sort()[0]}
+
+
+def metric_generator(seed: int, metric: str, device: torch.device) -> torch.Generator:
+    """The generator of one metric's posterior samples, seeded from ``evaluate.seed`` and the
+    metric's name: adding, removing or reordering a metric never changes another's draws."""
+    digest = hashlib.sha256(f"{seed}/{metric}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
 def evaluate(
@@ -137,21 +155,33 @@ def evaluate(
     train_labels: torch.Tensor,
     test_labels: torch.Tensor,
 ) -> dict:
-    """Metrics in nats per image under the model's own likelihood (see the module docstring)."""
+    """Metrics in nats per image under the model's own likelihood (see the module docstring).
+
+    The test set's per-image ELBO terms are drawn once and serve the test ELBO, the per-digit
+    values and the IW estimate's ELBO, so those agree exactly."""
     device = next(model.parameters()).device
-    noise = torch.Generator(device=device).manual_seed(params.evaluate.seed)
-    likelihood = params.loss.likelihood
+    likelihood, seed = params.loss.likelihood, params.evaluate.seed
     last = history[-1]
     train_images, test_images = train_images.to(device), test_images.to(device)
+    test_terms = per_image_terms(
+        model, test_images, likelihood, metric_generator(seed, "test", device)
+    )
     test_means = latent_means(model, test_images)
     return {
-        "test": dataset_elbo(model, test_images, likelihood, noise),
+        "test": elbo_means(test_terms),
         # The final model on the whole training set, for the generalisation gap ...
-        "train": dataset_elbo(model, train_images, likelihood, noise),
+        "train": dataset_elbo(
+            model, train_images, likelihood, metric_generator(seed, "train", device)
+        ),
         # ... and the running average over the last training epoch, as the history logs it.
         "train_last_epoch": {k: last[f"train/{k}"] for k in ("neg_elbo", "recon", "kl")},
         "test_iw": importance_weighted_nll(
-            model, test_images, likelihood, params.evaluate.iw_samples, noise
+            model,
+            test_images,
+            likelihood,
+            params.evaluate.iw_samples,
+            metric_generator(seed, "test_iw", device),
+            terms=test_terms,
         ),
         "latent": {
             "dims": model.latent_dims,
@@ -160,7 +190,7 @@ def evaluate(
                 latent_means(model, train_images), train_labels, test_means, test_labels
             ),
         },
-        "test_per_digit": per_class_neg_elbo(model, test_images, test_labels, likelihood, noise),
+        "test_per_digit": per_class_neg_elbo(test_terms, test_labels),
         "epochs": int(last["epoch"]),
         "images": {"train": len(train_images), "test": len(test_images)},
     }
@@ -176,13 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = params_mod.load(args.params)
-    device = resolve_device(params.train.device)
+    device = device_mod.resolve(params.train.device)
     model = load(args.model, map_location=device)
     train_images, train_labels = load_split(args.data_dir, train=True)
     test_images, test_labels = load_split(args.data_dir, train=False)
     train_images = evaluation_images(train_images, params.data.binarize, "train")
     test_images = evaluation_images(test_images, params.data.binarize, "test")
-    history = read_history(args.history)
+    history = history_mod.read(args.history)
     metrics = evaluate(
         model, params, train_images, test_images, history, train_labels, test_labels
     )

@@ -9,6 +9,7 @@ closed-form Gaussian KL of their Appendix B.
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vaelab.files import atomic_write_bytes
 
 IMAGE_SHAPE = (1, 28, 28)
 PIXELS = 784
@@ -128,8 +131,12 @@ class VAE(nn.Module):
 
     def config(self) -> dict[str, int | str | list[int]]:
         """The constructor's arguments, as plain types (saved beside the weights)."""
-        return {"latent_dims": self.latent_dims, "hidden": list(self.hidden),
-                "arch": self.arch, "activation": self.activation}  # fmt: skip
+        return {
+            "latent_dims": self.latent_dims,
+            "hidden": list(self.hidden),
+            "arch": self.arch,
+            "activation": self.activation,
+        }
 
 
 @dataclass
@@ -222,7 +229,11 @@ def dataset_elbo(
     batch_size: int = 2048,
 ) -> dict[str, float]:
     """Mean negative ELBO, recon and KL over ``images`` in nats per image (one host sync)."""
-    terms = per_image_terms(model, images, likelihood, generator, batch_size)
+    return elbo_means(per_image_terms(model, images, likelihood, generator, batch_size))
+
+
+def elbo_means(terms: ElboTerms) -> dict[str, float]:
+    """Means of per-image terms, in float64: {"neg_elbo", "recon", "kl"} in nats per image."""
     recon, kl = torch.stack([terms.recon.double().mean(), terms.kl.double().mean()]).tolist()
     return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
@@ -252,8 +263,9 @@ def importance_weighted_log_px(
     std = (0.5 * logvar).exp()
     for start in range(0, samples, chunk):
         count = min(chunk, samples - start)
-        eps = torch.randn((count, *mu.shape), generator=generator, device=mu.device,
-                          dtype=mu.dtype)  # fmt: skip
+        eps = torch.randn(
+            (count, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype
+        )
         z = mu + std * eps  # (S, B, latent)
         prior = -0.5 * (math.log(2 * math.pi) + z.pow(2)).sum(-1)  # log N(z; 0, I), (S, B)
         log_w = log_px_given_z(z) + prior - log_normal(z, mu, logvar)  # (S, B)
@@ -278,12 +290,12 @@ def log_px_given_z_fn(
 
 
 def save(model: VAE, path: Path) -> None:
-    """Write {config, state_dict} atomically; readable with ``torch.load(weights_only=True)``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write {config, state_dict} atomically and fsynced, like every output; readable with
+    ``torch.load(weights_only=True)``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": model.config(), "state_dict": state}, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save({"config": model.config(), "state_dict": state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # Layer names of the one-hidden-layer MLP as it was saved before ``hidden`` became a list.
@@ -296,8 +308,10 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
     config, state = dict(checkpoint["config"]), checkpoint["state_dict"]
     if "hidden_dims" in config:  # saved before model.hidden became a list (one-layer MLP)
         config["hidden"] = [config.pop("hidden_dims")]
-        state = {_OLD_NAMES.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v
-                 for k, v in state.items()}  # fmt: skip
+        state = {
+            _OLD_NAMES.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v
+            for k, v in state.items()
+        }
     model = VAE(**config).to(map_location)
     model.load_state_dict(state)
     return model.eval()

@@ -26,24 +26,20 @@ Arch = Literal["mlp", "conv"]
 Activation = Literal["relu", "tanh"]
 
 
+# The sections of params.yaml with their defaults. What each key means is documented once, in
+# params.yaml's comments (tests/test_docs.py checks that its values are these defaults).
+
+
 @dataclass(frozen=True)
 class DataParams:
-    # mnist: the canonical files, checked against their published MD5s.
-    # custom: IDX files you provide, checked against the manifest beside them.
     source: DataSource = "mnist"
-    # Bernoulli likelihood only. none: greyscale pixels in [0, 1]; dynamic: a fresh binary sample
-    # of each training image every time it is seen (the IWAE paper's protocol); static: one
-    # seeded sample, fixed. The test set is binarised once, seeded, in both cases.
     binarize: Binarize = "none"
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    # mlp: fully connected; conv: stride-2 convolutions (see vaelab.model.VAE).
     arch: Arch = "mlp"
     latent_dims: int = 2
-    # mlp: the widths of the encoder's hidden layers (the decoder mirrors them);
-    # conv: the channels of its 1 or 2 convolutions.
     hidden: tuple[int, ...] = (512,)
     activation: Activation = "relu"
 
@@ -51,8 +47,6 @@ class ModelParams:
 @dataclass(frozen=True)
 class LossParams:
     likelihood: Likelihood = "gaussian"
-    # Weight of the KL term in the training objective; 1.0 is the true ELBO. The course
-    # tutorial's loss amounts to beta = 1/batch_size (see README).
     beta: float = 1.0
 
 
@@ -63,28 +57,19 @@ class TrainParams:
     lr: float = 1e-3
     seed: int = 0
     device: Device = "auto"
-    # torch.compile the training step (CUDA graphs on a GPU). Off by default: on a 2-core CPU it
-    # cost ~40 s of compilation and ran no faster than eager mode (README, "Speed").
     compile: bool = False
-    # Linear KL annealing: the KL weight rises from 0 to loss.beta over this many epochs, step by
-    # step. 0 = off. The logged */neg_elbo is always the true negative ELBO.
     kl_warmup_epochs: int = 0
-    # Processes for DistributedDataParallel on this machine (gloo on CPU, NCCL on CUDA, one GPU
-    # each); 1 = a plain single process. batch_size stays the global batch.
     nproc: int = 1
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    # Seeds the posterior samples of the ELBO and importance-weighted estimates.
     seed: int = 0
-    # K of the importance-weighted NLL (Burda et al. 2016 use 5000; cost grows linearly with K).
     iw_samples: int = 1000
 
 
 @dataclass(frozen=True)
 class PlotParams:
-    # The tutorial's strip: z = (i*0.5 - 2.5, 0.4), i = 0..9.
     line_start: tuple[float, float] = (-2.5, 0.4)
     line_end: tuple[float, float] = (2.0, 0.4)
     line_count: int = 10
@@ -95,8 +80,6 @@ class PlotParams:
 @dataclass(frozen=True)
 class MlflowParams:
     experiment: str = "vaelab"
-    # A label for runs that belong together, set per experiment (`make sweep` sets one per sweep);
-    # runs carry it as the `sweep` tag. Changing it re-runs no stage, only `record`.
     sweep: str = ""
 
 
@@ -179,8 +162,9 @@ def _check_type(path: Path, key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, list | tuple):
             fail("a list, e.g. [200, 200]")
         item_type = typing.get_args(annotation)[0]
-        return tuple(_check_type(path, f"{key}[{i}]", item, item_type)
-                     for i, item in enumerate(value))  # fmt: skip
+        return tuple(
+            _check_type(path, f"{key}[{i}]", item, item_type) for i, item in enumerate(value)
+        )
     if origin is tuple:
         item_types = typing.get_args(annotation)
         if not isinstance(value, list | tuple) or len(value) != len(item_types):
@@ -276,7 +260,7 @@ _Loader.add_implicit_resolver(
 
 def load_yaml(text: str) -> Any:
     """Parse YAML the way params are read (safe, with YAML 1.2 exponent floats)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
 
 
 def load(path: str | Path) -> Params:
@@ -299,8 +283,12 @@ def load(path: str | Path) -> Params:
 
 def flatten_yaml(raw: dict) -> dict[str, Any]:
     """A params-shaped YAML mapping as ``{"section.key": value}``; non-mapping sections skipped."""
-    return {f"{section}.{key}": value for section, keys in raw.items()
-            if isinstance(keys, dict) for key, value in keys.items()}  # fmt: skip
+    return {
+        f"{section}.{key}": value
+        for section, keys in raw.items()
+        if isinstance(keys, dict)
+        for key, value in keys.items()
+    }
 
 
 def flatten(params: Params) -> dict[str, str | int | float]:

@@ -15,17 +15,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaelab import history
 from vaelab import params as params_mod
 from vaelab.data import evaluation_images, load_split
 from vaelab.errors import run_stage
 from vaelab.model import VAE, images_to_float, load
 from vaelab.params import PlotParams
-from vaelab.train import read_history
 
 FIGURES = (
-    "loss_curve.png", "latent_line.png", "latent_scatter.png", "latent_grid.png",
+    "loss_curve.png",
+    "latent_line.png",
+    "latent_scatter.png",
+    "latent_grid.png",
     "reconstructions.png",
-)  # fmt: skip
+)
 
 
 def _plane_to_latent(points: torch.Tensor, latent_dims: int) -> torch.Tensor:
@@ -46,7 +49,7 @@ def _dims_note(model: VAE) -> str:
     return f" (z1, z2; other {extra} dims at 0)" if extra else ""
 
 
-def loss_curve(history: list[dict[str, float]], likelihood: str, path: Path, plt) -> None:  # noqa: ANN001
+def loss_curve(history: list[dict[str, float]], likelihood: str, path: Path, plt) -> None:
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train/neg_elbo"] for r in history], "o-", label="train (epoch mean)")
@@ -65,7 +68,7 @@ def loss_curve(history: list[dict[str, float]], likelihood: str, path: Path, plt
     plt.close(fig)
 
 
-def latent_line(model: VAE, cfg: PlotParams, path: Path, plt) -> None:  # noqa: ANN001
+def latent_line(model: VAE, cfg: PlotParams, path: Path, plt) -> None:
     """The tutorial's strip: decode evenly spaced points from line_start to line_end."""
     start, end = torch.tensor(cfg.line_start), torch.tensor(cfg.line_end)
     t = torch.linspace(0, 1, cfg.line_count).unsqueeze(1)  # (count, 1)
@@ -85,7 +88,7 @@ def latent_line(model: VAE, cfg: PlotParams, path: Path, plt) -> None:  # noqa: 
     plt.close(fig)
 
 
-def latent_scatter(model: VAE, images, labels, path: Path, plt) -> None:  # noqa: ANN001
+def latent_scatter(model: VAE, images, labels, path: Path, plt) -> None:
     with torch.inference_mode():
         mu, _ = model.encode(images_to_float(images))
     mu = mu.numpy()
@@ -93,8 +96,15 @@ def latent_scatter(model: VAE, images, labels, path: Path, plt) -> None:  # noqa
     cmap = plt.get_cmap("tab10")
     for digit in range(10):
         chosen = labels.numpy() == digit
-        ax.scatter(mu[chosen, 0], mu[chosen, 1], s=2, alpha=0.6, color=cmap(digit),
-                   label=str(digit), rasterized=True)  # fmt: skip
+        ax.scatter(
+            mu[chosen, 0],
+            mu[chosen, 1],
+            s=2,
+            alpha=0.6,
+            color=cmap(digit),
+            label=str(digit),
+            rasterized=True,
+        )
     ax.set(xlabel="z1", ylabel="z2")
     note = f", first 2 of {model.latent_dims} coordinates" if model.latent_dims > 2 else ""
     ax.set_title(f"Test-set posterior means by digit ({len(mu)} images{note})", fontsize=10)
@@ -104,7 +114,7 @@ def latent_scatter(model: VAE, images, labels, path: Path, plt) -> None:  # noqa
     plt.close(fig)
 
 
-def latent_grid(model: VAE, size: int, path: Path, plt) -> None:  # noqa: ANN001
+def latent_grid(model: VAE, size: int, path: Path, plt) -> None:
     """Kingma & Welling (2014), fig. 4: an evenly spaced grid on the unit square mapped through
     the inverse Gaussian CDF, so the grid covers the prior's mass evenly."""
     quantiles = (torch.arange(size) + 0.5) / size  # cell centres, avoids icdf(0) = -inf
@@ -121,14 +131,16 @@ def latent_grid(model: VAE, size: int, path: Path, plt) -> None:  # noqa: ANN001
     ax.set_xticks(ticks[::step], labels[::step])
     ax.set_yticks(ticks[::step], labels[::step])
     ax.set(xlabel="z1", ylabel="z2")
-    ax.set_title(f"Decoded latent manifold, {size}x{size} Gaussian quantiles{_dims_note(model)}",
-                 fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"Decoded latent manifold, {size}x{size} Gaussian quantiles{_dims_note(model)}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def reconstructions(model: VAE, images, count: int, path: Path, plt) -> None:  # noqa: ANN001
+def reconstructions(model: VAE, images, count: int, path: Path, plt) -> None:
     x = images_to_float(images[:count])
     with torch.inference_mode():
         mu, _ = model.encode(x)
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = params.plot
     loss_curve(
-        read_history(args.history), params.loss.likelihood, args.out / "loss_curve.png", plt
+        history.read(args.history), params.loss.likelihood, args.out / "loss_curve.png", plt
     )
     latent_line(model, cfg, args.out / "latent_line.png", plt)
     latent_scatter(model, test_images, test_labels, args.out / "latent_scatter.png", plt)

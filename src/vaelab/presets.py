@@ -120,8 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="DVC experiment name (default: the preset's name)")
     parser.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one more key, e.g. -S train.epochs=50")  # fmt: skip
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one more key, e.g. -S train.epochs=50",
+    )
     args = parser.parse_args(argv)
 
     def run() -> None:

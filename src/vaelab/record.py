@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vaelab import history, tracking
 from vaelab import params as params_mod
-from vaelab import tracking
 from vaelab.errors import run_stage
-from vaelab.train import read_history
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,10 +23,15 @@ def main(argv: list[str] | None = None) -> None:
 
     params = params_mod.load(args.params)
     outputs = tracking.PipelineOutputs(
-        params_file=args.params, run_info=args.run_info, checksums=args.checksums,
-        history=args.history, metrics=args.metrics, figures=args.figures, model=args.model,
-    )  # fmt: skip
-    tracking.record(params, outputs, read_history(args.history))
+        params_file=args.params,
+        run_info=args.run_info,
+        checksums=args.checksums,
+        history=args.history,
+        metrics=args.metrics,
+        figures=args.figures,
+        model=args.model,
+    )
+    tracking.record(params, outputs, history.read(args.history))
 
 
 if __name__ == "__main__":

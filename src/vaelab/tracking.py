@@ -1,6 +1,6 @@
 """Everything MLflow: where the store is, the run lifecycle, tags, and what each run holds.
 
-Design (see README, "How runs reach MLflow"):
+Design (see docs/tracking.md):
 - ``train`` opens a run, logs all params and tags, and logs every epoch live (step = epoch).
   It leaves the run RUNNING: the pipeline is not done yet.
 - ``record`` (the last stage, ``always_changed``) fingerprints params + train run id + history +
@@ -88,7 +88,7 @@ def _check_reachable(uri: str) -> None:
         ) from None
 
 
-def _create_experiment(client, experiment: str, location: str | None) -> str:  # noqa: ANN001
+def _create_experiment(client, experiment: str, location: str | None) -> str:
     """Create the experiment; if another process created it since we looked (queued experiments
     starting at once against a tracking server, which the SQLite file lock does not cover), use
     that one. ``location`` None leaves the artifact root to the store (a server's proxied
@@ -106,7 +106,7 @@ def _create_experiment(client, experiment: str, location: str | None) -> str:  #
         return found.experiment_id
 
 
-def connect(experiment: str):  # noqa: ANN201 - returns (MlflowClient, experiment id)
+def connect(experiment: str):  # returns (MlflowClient, experiment id)
     """Open the store and get or create the experiment, under a file lock for SQLite stores:
     a brand-new SQLite store created by two processes at once breaks for good."""
     _quiet_mlflow()
@@ -137,7 +137,7 @@ def connect(experiment: str):  # noqa: ANN201 - returns (MlflowClient, experimen
                 experiment_id = found.experiment_id
     except VaelabError:
         raise
-    except Exception as error:  # noqa: BLE001 - any store failure is reported the same way
+    except Exception as error:  # any store failure is reported the same way
         raise VaelabError(
             f"cannot use the MLflow tracking store {uri}: {type(error).__name__}: {error}. "
             "Check MLFLOW_TRACKING_URI (unset it to use the project's mlflow.db)."
@@ -199,7 +199,7 @@ def context_tags(checksums: dict, params: Params, params_file: Path) -> dict[str
     return tags
 
 
-def _metric_batch(values: dict[str, float], step: int, prefix: str = ""):  # noqa: ANN202
+def _metric_batch(values: dict[str, float], step: int, prefix: str = ""):
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -217,12 +217,12 @@ class TrainingRun:
         self.client.log_batch(self.run_id, metrics=_metric_batch(values, epoch))
 
 
-def _resumable(client, run_id: str | None, experiment_id: str):  # noqa: ANN001, ANN202
+def _resumable(client, run_id: str | None, experiment_id: str):
     if not run_id:
         return None
     try:
         run = client.get_run(run_id)
-    except Exception:  # noqa: BLE001 - deleted, or another store: start a new run
+    except Exception:  # deleted, or another store: start a new run
         return None
     usable = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
     return run if usable else None
@@ -232,6 +232,7 @@ def _resumable(client, run_id: str | None, experiment_id: str):  # noqa: ANN001,
 def training_run(
     params: Params,
     checksums: dict,
+    *,
     device: object,
     params_file: Path,
     resume_run_id: str | None = None,
@@ -285,7 +286,7 @@ def _fingerprint(
     flat_params: dict[str, str], train_run_id: str, outputs: PipelineOutputs, history: list
 ) -> str:
     """What makes a pipeline result: params, the train run, and every output a run carries."""
-    from vaelab.data import md5_of
+    from vaelab.files import md5_of
 
     figures = sorted(p for p in outputs.figures.iterdir() if p.is_file())
     files = (outputs.metrics, outputs.checksums, outputs.model, *figures)
@@ -322,11 +323,10 @@ class PipelineOutputs:
 
 def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str:
     """Make sure one complete, FINISHED run holds this pipeline result; return its id."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import RunTag
 
     flat = {k: str(v) for k, v in flatten(params).items()}
     train_run_id = json.loads(outputs.run_info.read_text())["run_id"]
-    checksums = json.loads(outputs.checksums.read_text())
     fingerprint = _fingerprint(flat, train_run_id, outputs, history)
     exp_name = os.environ.get("DVC_EXP_NAME") or None
 
@@ -343,7 +343,7 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
 
     try:
         source = client.get_run(train_run_id)
-    except Exception:  # noqa: BLE001 - deleted or from another store: rebuild below
+    except Exception:  # deleted or from another store: rebuild below
         source = None
     unfinished = source is not None and source.info.status == "RUNNING"
     if unfinished and source.info.experiment_id == experiment_id and source.data.params == flat:
@@ -352,29 +352,55 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
             client.set_tag(run_id, "mlflow.runName", exp_name)
         how = "completed the train run"
     else:
-        # Train did not run this time (DVC cache) or its run holds other params (only an
-        # evaluate/plot param changed; MLflow params are immutable): rebuild a complete run
-        # from the DVC outputs.
-        carried = {}
-        if source is not None:
-            carried = {k: source.data.tags[k] for k in ("device", "torch.version", "world_size")
-                       if k in source.data.tags}  # fmt: skip
-        tags = (
-            context_tags(checksums, params, outputs.params_file)
-            | carried
-            | {SOURCE_RUN_TAG: train_run_id}
-        )
-        run_id = client.create_run(experiment_id, run_name=exp_name, tags=tags).info.run_id
-        client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
-        rebuilt = TrainingRun(client, run_id)
-        for row in history:
-            rebuilt.log_epoch(row)
-        if unfinished:
-            # Its results now live in the rebuilt run; don't leave it looking in progress.
-            client.set_tag(train_run_id, "vaelab.superseded_by", run_id)
-            client.set_terminated(train_run_id, "KILLED")
+        run_id = _rebuild(client, experiment_id, params, outputs, history, source, train_run_id)
         how = f"rebuilt from DVC outputs (train run {train_run_id})"
+    _upload(client, run_id, outputs, history)
+    client.log_batch(run_id, tags=[RunTag(FINGERPRINT_TAG, fingerprint)])  # last: see above
+    client.set_terminated(run_id, "FINISHED")
+    print(f"record: MLflow run {run_id} is complete ({how})")
+    return run_id
 
+
+def _rebuild(
+    client,
+    experiment_id: str,
+    params: Params,
+    outputs: PipelineOutputs,
+    history: list[dict],
+    source,
+    train_run_id: str,
+) -> str:
+    """A new run with every param and epoch, rebuilt from the DVC outputs: train did not run this
+    time (DVC cache), or its run holds other params (only an evaluate/plot param changed;
+    MLflow params are immutable). An unfinished train run is marked superseded."""
+    from mlflow.entities import Param
+
+    carried = {}
+    if source is not None:
+        carried = {
+            k: source.data.tags[k]
+            for k in ("device", "torch.version", "world_size")
+            if k in source.data.tags
+        }
+    checksums = json.loads(outputs.checksums.read_text())
+    tags = context_tags(checksums, params, outputs.params_file) | carried
+    tags[SOURCE_RUN_TAG] = train_run_id
+    exp_name = os.environ.get("DVC_EXP_NAME") or None
+    run_id = client.create_run(experiment_id, run_name=exp_name, tags=tags).info.run_id
+    flat = {k: str(v) for k, v in flatten(params).items()}
+    client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
+    rebuilt = TrainingRun(client, run_id)
+    for row in history:
+        rebuilt.log_epoch(row)
+    if source is not None and source.info.status == "RUNNING":
+        # Its results now live in the rebuilt run; don't leave it looking in progress.
+        client.set_tag(train_run_id, "vaelab.superseded_by", run_id)
+        client.set_terminated(train_run_id, "KILLED")
+    return run_id
+
+
+def _upload(client, run_id: str, outputs: PipelineOutputs, history: list[dict]) -> None:
+    """The evaluation metrics (step = last epoch), figures, reports and the model."""
     metrics = json.loads(outputs.metrics.read_text())
     final_step = int(history[-1]["epoch"]) if history else 0
     client.log_batch(run_id, metrics=_metric_batch(flatten_metrics(metrics), final_step))
@@ -382,16 +408,12 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
     for path in (outputs.params_file, outputs.metrics, outputs.history, outputs.checksums):
         client.log_artifact(run_id, str(path), artifact_path="reports")
     client.log_artifact(run_id, str(outputs.model), artifact_path="model")
-    client.log_batch(run_id, tags=[RunTag(FINGERPRINT_TAG, fingerprint)])
-    client.set_terminated(run_id, "FINISHED")
-    print(f"record: MLflow run {run_id} is complete ({how})")
-    return run_id
 
 
 KIND_TAG = "vaelab.kind"  # "comparison" on the runs vaelab.compare logs
 
 
-def find_runs(experiment: str, filter_string: str = "", run_ids: list[str] = ()):  # noqa: ANN201
+def find_runs(experiment: str, filter_string: str = "", run_ids: list[str] = ()):
     """FINISHED training runs of ``experiment`` as ``mlflow.search_runs`` returns them: a pandas
     DataFrame, one row per run, columns ``params.*``, ``metrics.*`` (last values), ``tags.*``;
     oldest first. ``filter_string`` is MLflow's search syntax, e.g. ``tags.sweep = 'latent'``."""
@@ -411,9 +433,11 @@ def find_runs(experiment: str, filter_string: str = "", run_ids: list[str] = ())
         query.append(filter_string)
     mlflow.set_tracking_uri(uri)
     try:
-        runs = mlflow.search_runs(experiment_ids=[found.experiment_id],
-                                  filter_string=" and ".join(query),
-                                  order_by=["attributes.start_time ASC"])  # fmt: skip
+        runs = mlflow.search_runs(
+            experiment_ids=[found.experiment_id],
+            filter_string=" and ".join(query),
+            order_by=["attributes.start_time ASC"],
+        )
     except mlflow.exceptions.MlflowException as error:
         raise VaelabError(
             f"MLflow cannot search with {filter_string!r}: {error.message}"
@@ -436,10 +460,13 @@ def download_artifact(run_id: str, artifact_path: str, destination: Path) -> Pat
     import mlflow
 
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                    dst_path=str(destination),
-                                                    tracking_uri=tracking_uri())  # fmt: skip
-    except Exception:  # noqa: BLE001 - missing artifact: the caller shows a gap instead
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path=artifact_path,
+            dst_path=str(destination),
+            tracking_uri=tracking_uri(),
+        )
+    except Exception:  # missing artifact: the caller shows a gap instead
         return None
     return Path(local)
 
@@ -474,12 +501,25 @@ def ui_main(argv: list[str] | None = None) -> None:
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         # `mlflow ui` serves a store and fails on a server's http URI; a server has its own UI.
-        print(f"MLFLOW_TRACKING_URI is the tracking server {uri}: open it in a browser for its "
-              "runs. Serving this project's local store here.", flush=True)  # fmt: skip
+        print(
+            f"MLFLOW_TRACKING_URI is the tracking server {uri}: open it in a browser for its "
+            "runs. Serving this project's local store here.",
+            flush=True,
+        )
         uri = f"sqlite:///{project_root() / DEFAULT_STORE}"
     print(f"MLflow UI for {uri} on http://{args.host}:{args.port}", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     os.execv(sys.executable, cmd)
 
 

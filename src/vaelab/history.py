@@ -1,0 +1,42 @@
+"""The per-epoch training history (``reports/train_history.csv``): its columns, which are also
+the MLflow metric keys of every epoch (step = epoch), and its CSV form."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from vaelab.files import atomic_write_bytes
+
+COLUMNS = (
+    "epoch",
+    "train/loss",
+    "train/neg_elbo",
+    "train/recon",
+    "train/kl",
+    "test/neg_elbo",
+    "test/recon",
+    "test/kl",
+    "epoch_seconds",
+    "images_per_second",
+    "train/images",
+)
+
+
+def write(path: Path, history: list[dict[str, float]]) -> None:
+    """One row per epoch, ``COLUMNS`` in order, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def read(path: Path) -> list[dict[str, float]]:
+    """The rows ``write`` wrote: ``epoch`` as int, every other column as float."""
+    with open(path, newline="") as f:
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]

@@ -1,0 +1,55 @@
+"""Which ``vaelab`` modules a stage runs: its module and every ``vaelab`` module reached from it
+through ``import`` statements, anywhere in the file (also inside functions), read with ``ast``:
+nothing is imported or executed.
+
+dvc.yaml lists exactly these files as each stage's code deps (tests/test_dvc_deps.py checks it),
+and a training checkpoint fingerprints the train stage's set (``vaelab.checkpoints``).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = "vaelab"
+SOURCE = Path(__file__).resolve().parent  # src/vaelab
+
+
+def module_file(module: str) -> Path:
+    """``vaelab.train`` -> src/vaelab/train.py; ``vaelab`` -> src/vaelab/__init__.py."""
+    parts = module.split(".")[1:]
+    return SOURCE / ("/".join(parts) + ".py" if parts else "__init__.py")
+
+
+def _imported(module: str) -> set[str]:
+    """The ``vaelab`` modules that ``module``'s source imports, directly."""
+    found = set()
+    for node in ast.walk(ast.parse(module_file(module).read_text(), str(module_file(module)))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            # `from vaelab import tracking` imports the module vaelab.tracking.
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {
+        name
+        for name in found
+        if (name == PACKAGE or name.startswith(f"{PACKAGE}.")) and module_file(name).is_file()
+    }
+
+
+def reached_modules(module: str) -> list[str]:
+    """``module``, the package itself (importing a submodule runs ``__init__``) and every
+    ``vaelab`` module reached transitively, sorted."""
+    reached, todo = set(), [module, PACKAGE]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(_imported(name) - reached)
+    return sorted(reached)
+
+
+def reached_files(module: str) -> list[Path]:
+    """The source files of ``reached_modules(module)``."""
+    return [module_file(name) for name in reached_modules(module)]
