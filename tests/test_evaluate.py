@@ -148,7 +148,9 @@ def test_gaussian_iw_nll_is_the_exact_log_likelihood_constant_included():
     pixels = images.double().flatten(1) / 255
     exact = torch.distributions.Normal(torch.sigmoid(bias.double()), 1.0).log_prob(pixels).sum(1)
 
-    got = ev.importance_weighted_nll(vae, images, "gaussian", 5, torch.Generator().manual_seed(2))
+    got = ev.importance_weighted_nll(
+        vae, images, likelihood="gaussian", samples=5, generator=torch.Generator().manual_seed(2)
+    )
     assert got["nll"] == pytest.approx(-exact.mean().item(), abs=1e-3)
     assert got["nll_stderr"] == pytest.approx(exact.std().item() / 12**0.5, rel=1e-4)
     # KL(q || p) = 0 and the reconstruction term is -log p(x|z) = -log p(x): the ELBO is exact.
@@ -191,7 +193,15 @@ def test_evaluate_reports_each_set_s_own_values(tiny_params):
     train_labels, test_labels = torch.arange(50) % 10, torch.arange(30) % 3
     last = {"epoch": 2, "train/neg_elbo": 9.0, "train/recon": 5.0, "train/kl": 4.0}
 
-    metrics = ev.evaluate(vae, tiny_params, train, test, [last], train_labels, test_labels)
+    metrics = ev.evaluate(
+        vae,
+        tiny_params,
+        train_images=train,
+        test_images=test,
+        history=[last],
+        train_labels=train_labels,
+        test_labels=test_labels,
+    )
 
     for split, images in (("test", test), ("train", train)):
         recon, kl = _direct_terms(vae, images)
@@ -244,7 +254,15 @@ def test_evaluate_shares_the_test_set_s_terms_among_its_metrics(tiny_params):
     train_labels, test_labels = torch.arange(40) % 10, torch.arange(36) % 4
     last = {"epoch": 1, "train/neg_elbo": 9.0, "train/recon": 5.0, "train/kl": 4.0}
 
-    metrics = ev.evaluate(vae, tiny_params, train, test, [last], train_labels, test_labels)
+    metrics = ev.evaluate(
+        vae,
+        tiny_params,
+        train_images=train,
+        test_images=test,
+        history=[last],
+        train_labels=train_labels,
+        test_labels=test_labels,
+    )
 
     seed = tiny_params.evaluate.seed
     own = m.per_image_terms(vae, test, "gaussian", ev.metric_generator(seed, "test", "cpu"))

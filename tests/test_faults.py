@@ -72,8 +72,8 @@ from vaelab import checkpoints, train
 from vaelab.errors import run_stage
 epoch, signum, argv = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3:]
 write = checkpoints.save
-def write_then_signal(path, state, *args):
-    write(path, state, *args)
+def write_then_signal(path, state, **bound):
+    write(path, state, **bound)
     if state["epoch"] == epoch:
         os.kill(os.getpid(), signum)
 checkpoints.save = write_then_signal
@@ -220,7 +220,7 @@ def test_divergence_stops_naming_epoch_and_step(tmp_path, fake_data_dir, tiny_pa
     test_x, _ = load_split(fake_data_dir, train=False)
     states = []
     with pytest.raises(VaelabError, match=r"NaN or infinite at epoch 1, step 2 of 11: "):
-        train_model(huge, train_x, test_x, torch.device("cpu"), on_state=states.append)
+        train_model(huge, train_x, test_x, device=torch.device("cpu"), on_state=states.append)
     assert states == [], "no state of the diverged epoch is handed out to be saved"
 
 
@@ -235,7 +235,10 @@ def test_divergence_in_the_last_step_of_an_epoch_is_caught(fake_data_dir, tiny_p
     one_step = dataclasses.replace(tiny_params.train, lr=1e30, batch_size=len(train_x), epochs=1)
     with pytest.raises(VaelabError, match=r"test ELBO became NaN or infinite after epoch 1: "):
         train_model(
-            dataclasses.replace(tiny_params, train=one_step), train_x, test_x, torch.device("cpu")
+            dataclasses.replace(tiny_params, train=one_step),
+            train_x,
+            test_x,
+            device=torch.device("cpu"),
         )
 
 
@@ -322,9 +325,13 @@ def test_a_checkpoint_of_the_last_epoch_finishes_the_stage(tmp_path, fake_data_d
     test_x, _ = load_split(fake_data_dir, train=False)
 
     def keep(state):
-        save_checkpoint(out / "checkpoint.pt", state, config, data_md5, "run-deleted-since")
+        save_checkpoint(
+            out / "checkpoint.pt", state, config=config, data_md5=data_md5, run_id="deleted"
+        )
 
-    model, history = train_model(params, train_x, test_x, torch.device("cpu"), on_state=keep)
+    model, history = train_model(
+        params, train_x, test_x, device=torch.device("cpu"), on_state=keep
+    )
     result = subprocess.run(
         train_cmd(params_file, fake_data_dir, out),
         env=env_for(store),
@@ -348,10 +355,19 @@ def test_a_checkpoint_from_another_device_or_code_is_not_resumed(tmp_path, tiny_
 
     config = training_config(tiny_params, torch.device("cpu"))
     state = {"epoch": 1, "history": []}
-    save_checkpoint(tmp_path / "c.pt", state, config, {"a": "1"}, "run")
-    assert load_checkpoint(tmp_path / "c.pt", config, {"a": "1"})[0]["epoch"] == 1
+    save_checkpoint(tmp_path / "c.pt", state, config=config, data_md5={"a": "1"}, run_id="run")
+    assert load_checkpoint(tmp_path / "c.pt", config=config, data_md5={"a": "1"})[0]["epoch"] == 1
     cuda = config | {"device": "cuda"}
-    assert "device: cpu -> cuda" in load_checkpoint(tmp_path / "c.pt", cuda, {"a": "1"})[1]
+    assert (
+        "device: cpu -> cuda"
+        in load_checkpoint(tmp_path / "c.pt", config=cuda, data_md5={"a": "1"})[1]
+    )
     edited = config | {"code.vaelab.model": "0" * 32}
-    assert "code.vaelab.model" in load_checkpoint(tmp_path / "c.pt", edited, {"a": "1"})[1]
-    assert "the data changed" in load_checkpoint(tmp_path / "c.pt", config, {"a": "2"})[1]
+    assert (
+        "code.vaelab.model"
+        in load_checkpoint(tmp_path / "c.pt", config=edited, data_md5={"a": "1"})[1]
+    )
+    assert (
+        "the data changed"
+        in load_checkpoint(tmp_path / "c.pt", config=config, data_md5={"a": "2"})[1]
+    )

@@ -24,7 +24,7 @@ TIMING = {"epoch_seconds", "images_per_second"}
 def _train(params, data_dir):
     train_x, _ = load_split(data_dir, train=True)
     test_x, _ = load_split(data_dir, train=False)
-    return train_model(params, train_x, test_x, torch.device("cpu"))
+    return train_model(params, train_x, test_x, device=torch.device("cpu"))
 
 
 def test_seeded_cpu_runs_are_bit_identical(tiny_params, fake_data_dir):
@@ -162,14 +162,20 @@ def test_benchmark_smoke(fake_data_dir, tmp_path):
 
 def test_kl_warmup_weights_rise_linearly_step_by_step():
     cpu = torch.device("cpu")
-    torch.testing.assert_close(kl_weights(0.5, 0, 3, 4, cpu), torch.full((4,), 0.5))
     torch.testing.assert_close(
-        kl_weights(1.0, 2, 1, 4, cpu), torch.tensor([0.125, 0.25, 0.375, 0.5])
+        kl_weights(0.5, warmup_epochs=0, epoch=3, n_batches=4, device=cpu), torch.full((4,), 0.5)
     )
     torch.testing.assert_close(
-        kl_weights(1.0, 2, 2, 4, cpu), torch.tensor([0.625, 0.75, 0.875, 1.0])
+        kl_weights(1.0, warmup_epochs=2, epoch=1, n_batches=4, device=cpu),
+        torch.tensor([0.125, 0.25, 0.375, 0.5]),
     )
-    torch.testing.assert_close(kl_weights(2.0, 2, 3, 4, cpu), torch.full((4,), 2.0))
+    torch.testing.assert_close(
+        kl_weights(1.0, warmup_epochs=2, epoch=2, n_batches=4, device=cpu),
+        torch.tensor([0.625, 0.75, 0.875, 1.0]),
+    )
+    torch.testing.assert_close(
+        kl_weights(2.0, warmup_epochs=2, epoch=3, n_batches=4, device=cpu), torch.full((4,), 2.0)
+    )
 
 
 def test_kl_warmup_weights_the_kl_below_beta_while_it_lasts(tiny_params, fake_data_dir):

@@ -176,7 +176,7 @@ def run_vaelab(
             params,
             train_images,
             test_images,
-            device,
+            device=device,
             on_epoch=lambda row: memory.append(_memory_mb(device)),
         )
     test_on_device = test_images.to(device)

@@ -32,7 +32,7 @@ def training_config(params: Params, device: torch.device) -> dict[str, str]:
     return config | {"torch": str(torch.__version__), "device": device.type}
 
 
-def save(path: Path, state: dict, config: dict, data_md5: dict, run_id: str) -> None:
+def save(path: Path, state: dict, *, config: dict, data_md5: dict, run_id: str) -> None:
     """Write the end-of-epoch ``state`` (``TrainingState.snapshot()``) atomically: a crash,
     kill -9 or full disk while writing leaves the previous checkpoint intact."""
     payload = state | {
@@ -46,7 +46,7 @@ def save(path: Path, state: dict, config: dict, data_md5: dict, run_id: str) -> 
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load(path: Path, config: dict, data_md5: dict) -> tuple[dict | None, str]:
+def load(path: Path, *, config: dict, data_md5: dict) -> tuple[dict | None, str]:
     """(checkpoint, "") to resume from; (None, why) to start fresh. A file that is not a
     checkpoint is refused (``weights_only=True`` never runs code from it) and left alone for the
     user."""
@@ -85,13 +85,13 @@ class CheckpointFile:
 
     @classmethod
     def of(
-        cls, path: Path, params: Params, device: torch.device, checksums: dict
+        cls, path: Path, *, params: Params, device: torch.device, checksums: dict
     ) -> CheckpointFile:
         data_md5 = {name: entry["md5"] for name, entry in checksums["files"].items()}
         return cls(path, training_config(params, device), data_md5)
 
     def save(self, snapshot: dict, run_id: str) -> None:
-        save(self.path, snapshot, self.config, self.data_md5, run_id)
+        save(self.path, snapshot, config=self.config, data_md5=self.data_md5, run_id=run_id)
 
     def load(self) -> tuple[dict | None, str]:
-        return load(self.path, self.config, self.data_md5)
+        return load(self.path, config=self.config, data_md5=self.data_md5)

@@ -47,10 +47,10 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016), sec. 5.2: Cov_x(E_q[z_d]) >
 def importance_weighted_nll(
     model: VAE,
     images: torch.Tensor,
+    *,
     likelihood: str,
     samples: int,
     generator: torch.Generator,
-    *,
     terms: ElboTerms | None = None,
     batch_size: int = 100,
 ) -> dict[str, float]:
@@ -149,6 +149,7 @@ def metric_generator(seed: int, metric: str, device: torch.device) -> torch.Gene
 def evaluate(
     model: VAE,
     params: Params,
+    *,
     train_images: torch.Tensor,
     test_images: torch.Tensor,
     history: list[dict[str, float]],
@@ -178,9 +179,9 @@ def evaluate(
         "test_iw": importance_weighted_nll(
             model,
             test_images,
-            likelihood,
-            params.evaluate.iw_samples,
-            metric_generator(seed, "test_iw", device),
+            likelihood=likelihood,
+            samples=params.evaluate.iw_samples,
+            generator=metric_generator(seed, "test_iw", device),
             terms=test_terms,
         ),
         "latent": {
@@ -214,7 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     test_images = evaluation_images(test_images, params.data.binarize, "test")
     history = history_mod.read(args.history)
     metrics = evaluate(
-        model, params, train_images, test_images, history, train_labels, test_labels
+        model,
+        params,
+        train_images=train_images,
+        test_images=test_images,
+        history=history,
+        train_labels=train_labels,
+        test_labels=test_labels,
     )
     atomic_write_bytes(args.metrics, (json.dumps(metrics, indent=2) + "\n").encode())
     iw, latent = metrics["test_iw"], metrics["latent"]

@@ -352,7 +352,15 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
             client.set_tag(run_id, "mlflow.runName", exp_name)
         how = "completed the train run"
     else:
-        run_id = _rebuild(client, experiment_id, params, outputs, history, source, train_run_id)
+        run_id = _rebuild(
+            client,
+            experiment_id,
+            params=params,
+            outputs=outputs,
+            history=history,
+            source=source,
+            train_run_id=train_run_id,
+        )
         how = f"rebuilt from DVC outputs (train run {train_run_id})"
     _upload(client, run_id, outputs, history)
     client.log_batch(run_id, tags=[RunTag(FINGERPRINT_TAG, fingerprint)])  # last: see above
@@ -364,6 +372,7 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
 def _rebuild(
     client,
     experiment_id: str,
+    *,
     params: Params,
     outputs: PipelineOutputs,
     history: list[dict],

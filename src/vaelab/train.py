@@ -46,11 +46,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     stop = distributed.StopFlag()  # Ctrl-C / SIGTERM: stop between two steps
     with stop.installed():
-        train_stage(args, params, world, stop)
+        train_stage(args, params, world=world, stop=stop)
 
 
 def train_stage(
-    args: argparse.Namespace, params: Params, world: distributed.World, stop: distributed.StopFlag
+    args: argparse.Namespace,
+    params: Params,
+    *,
+    world: distributed.World,
+    stop: distributed.StopFlag,
 ) -> None:
     """Load the data, join the DDP group if there is one, train (rank 0 also records)."""
     device = device_mod.resolve(params.train.device)
@@ -67,10 +71,16 @@ def train_stage(
         device = distributed.start(world, device.type)
     try:
         if world.is_main:
-            train_and_record(args, params, device, (train_images, test_images), stop, world)
+            images = (train_images, test_images)
+            train_and_record(args, params, device=device, images=images, stop=stop, world=world)
         else:  # the other DDP ranks train; rank 0 writes and logs
             train_model(
-                params, train_images, test_images, device, stop_requested=stop.is_set, world=world
+                params,
+                train_images,
+                test_images,
+                device=device,
+                stop_requested=stop.is_set,
+                world=world,
             )
     finally:
         distributed.stop(world)  # nothing to do in a single process
@@ -79,6 +89,7 @@ def train_stage(
 def train_and_record(
     args: argparse.Namespace,
     params: Params,
+    *,
     device: torch.device,
     images: tuple[torch.Tensor, torch.Tensor],
     stop: distributed.StopFlag,
@@ -92,7 +103,9 @@ def train_and_record(
     # Checkpoints hold one process's RNG states, so DDP runs neither write nor resume them.
     checkpoint = None
     if world.size == 1:
-        checkpoint = checkpoints.CheckpointFile.of(args.checkpoint, params, device, checksums)
+        checkpoint = checkpoints.CheckpointFile.of(
+            args.checkpoint, params=params, device=device, checksums=checksums
+        )
     resume = resume_from(checkpoint)
     rows: list[dict[str, float]] = list(resume["history"]) if resume else []
     try:
@@ -118,7 +131,7 @@ def train_and_record(
             model, _ = train_model(
                 params,
                 *images,
-                device,
+                device=device,
                 on_epoch=on_epoch,
                 on_state=on_state,
                 resume=resume,

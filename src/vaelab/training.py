@@ -43,7 +43,7 @@ def adam(model: VAE, lr: float) -> torch.optim.Adam:
 
 
 def make_train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, likelihood: str, compile: bool
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, likelihood: str, compile: bool
 ) -> TrainStep:
     """One optimisation step on a batch x (B, 1, 28, 28) with reparameterisation noise eps
     (B, latent), KL weight ``kl_weight`` and ``divisor`` (0-dim tensors on the device, so
@@ -92,7 +92,7 @@ def make_train_step(
 
 
 def kl_weights(
-    beta: float, warmup_epochs: int, epoch: int, n_batches: int, device: torch.device
+    beta: float, *, warmup_epochs: int, epoch: int, n_batches: int, device: torch.device
 ) -> torch.Tensor:
     """The KL weight of every step of ``epoch`` (1-based), (n_batches,): beta, or with warm-up
     beta * min(1, steps done / steps of warm-up), rising linearly step by step."""
@@ -240,11 +240,11 @@ def train_epoch(
         first_bad_step = torch.where(bad, step + 1, first_bad_step)
         if not bar.disable and step % 50 == 0:
             bar.set_postfix(loss=f"{sums[0].item() / ((step + 1) * data.batch_size):.2f}")
-    return gather_epoch(sums, first_bad_step, local_images, data)
+    return gather_epoch(data, sums=sums, first_bad_step=first_bad_step, local_images=local_images)
 
 
 def gather_epoch(
-    sums: torch.Tensor, first_bad_step: torch.Tensor, local_images: int, data: EpochData
+    data: EpochData, *, sums: torch.Tensor, first_bad_step: torch.Tensor, local_images: int
 ) -> EpochResult:
     """Combine the ranks' epoch (sums, the earliest bad step, image counts); one host sync."""
     world, n_batches = data.world, data.n_batches
@@ -260,7 +260,7 @@ def gather_epoch(
 
 
 def test_pass(
-    model: VAE, test_images: torch.Tensor, likelihood: str, seed: int, epoch: int
+    model: VAE, test_images: torch.Tensor, *, likelihood: str, seed: int, epoch: int
 ) -> dict[str, float]:
     """The test set's ELBO after ``epoch`` (nats per image), with noise of its own seed, so that
     evaluating never shifts training's RNG."""
@@ -297,7 +297,7 @@ def check_diverged(
 
 
 def history_row(
-    epoch: int, result: EpochResult, test: dict[str, float], seconds: float, n_images: int
+    epoch: int, result: EpochResult, *, test: dict[str, float], seconds: float, n_images: int
 ) -> dict[str, float]:
     """The epoch's row of the history (``vaelab.history.COLUMNS``)."""
     return {
@@ -319,8 +319,8 @@ def train_model(
     params: Params,
     train_images: torch.Tensor,
     test_images: torch.Tensor,
-    device: torch.device,
     *,
+    device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] = lambda row: None,
     on_state: Callable[[dict], None] = lambda snapshot: None,
     resume: dict | None = None,
@@ -337,7 +337,9 @@ def train_model(
     check_batch_size(cfg.batch_size, len(train_images))
     state = TrainingState.create(params, device)
     trained = distributed.wrap(state.model, world)
-    train_step = make_train_step(trained, state.optimizer, params.loss.likelihood, cfg.compile)
+    train_step = make_train_step(
+        trained, state.optimizer, likelihood=params.loss.likelihood, compile=cfg.compile
+    )
     should_stop = distributed.StopAgreement(stop_requested, world)  # ranks stop at one step
     data = EpochData.create(
         training_images(train_images, params.data.binarize).to(device), params, world
@@ -347,7 +349,13 @@ def train_model(
         state.restore(resume)
     for epoch in range(len(state.history) + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        weights = kl_weights(params.loss.beta, cfg.kl_warmup_epochs, epoch, data.n_batches, device)
+        weights = kl_weights(
+            params.loss.beta,
+            warmup_epochs=cfg.kl_warmup_epochs,
+            epoch=epoch,
+            n_batches=data.n_batches,
+            device=device,
+        )
         result = train_epoch(
             state,
             data,
@@ -359,14 +367,20 @@ def train_model(
         seconds = time.perf_counter() - started
         test = {}
         if world.is_main:  # rank 0 evaluates, logs and reports
-            test = test_pass(state.model, test_images, params.loss.likelihood, cfg.seed, epoch)
+            test = test_pass(
+                state.model,
+                test_images,
+                likelihood=params.loss.likelihood,
+                seed=cfg.seed,
+                epoch=epoch,
+            )
         test_finite = distributed.all_true(math.isfinite(test.get("neg_elbo", 0.0)), world, device)
         check_diverged(
             result, test_finite, epoch=epoch, n_batches=data.n_batches, lr=cfg.lr, world=world
         )
         if not world.is_main:
             continue
-        row = history_row(epoch, result, test, seconds, len(train_images))
+        row = history_row(epoch, result, test=test, seconds=seconds, n_images=len(train_images))
         state.history.append(row)
         on_state(state.snapshot())
         print(
