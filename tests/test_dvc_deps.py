@@ -53,18 +53,22 @@ def test_no_stage_or_command_runs_another_stage_or_command():
 
 def test_imports_are_followed_through_every_form_of_import_statement(tmp_path, monkeypatch):
     """``import vaelab.x``, ``from vaelab import x``, ``from vaelab.x import name``, imports
-    inside functions, transitively; names that are not modules and other packages are not."""
+    inside functions, a subpackage and its __init__, transitively; names that are not modules
+    and other packages are not."""
     package = tmp_path / "vaelab"
     package.mkdir()
     sources = {
         "__init__.py": '"""docstring only"""\n',
-        "stage.py": "import os\nimport vaelab.a\nfrom vaelab import b\n",
+        "stage.py": "import os\nimport vaelab.a\nfrom vaelab import b\nimport vaelab.sub.inner\n",
         "a.py": "from vaelab.c import something\n",
         "b.py": "def lazy():\n    from vaelab import d\n",
         "c.py": "something = 1\n",
         "d.py": "import numpy\n",
         "unused.py": "",
+        "sub/__init__.py": "",
+        "sub/inner.py": "from vaelab.c import something\n",
     }
+    (package / "sub").mkdir()
     for name, text in sources.items():
         (package / name).write_text(text)
     monkeypatch.setattr(imports, "SOURCE", package)
@@ -75,6 +79,8 @@ def test_imports_are_followed_through_every_form_of_import_statement(tmp_path, m
         "vaelab.c",
         "vaelab.d",
         "vaelab.stage",
+        "vaelab.sub",
+        "vaelab.sub.inner",
     ]
 
 
@@ -84,3 +90,14 @@ def test_the_checkpoint_fingerprints_the_train_stage_s_code(tiny_params):
     config = training_config(tiny_params, torch.device("cpu"))
     fingerprinted = {key.removeprefix("code.") for key in config if key.startswith("code.")}
     assert fingerprinted == set(imports.reached_modules(stage_module(STAGES["train"])))
+
+
+def test_a_relative_import_is_refused_not_missed(tmp_path, monkeypatch):
+    package = tmp_path / "vaelab"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "stage.py").write_text("from . import helper\n")
+    (package / "helper.py").write_text("")
+    monkeypatch.setattr(imports, "SOURCE", package)
+    with pytest.raises(ValueError, match=r"stage.py:1: relative import"):
+        imports.reached_modules("vaelab.stage")

@@ -364,7 +364,7 @@ def test_a_checkpoint_from_another_device_or_code_is_not_resumed(tmp_path, tiny_
     )
     edited = config | {"code.vaelab.model": "0" * 32}
     assert (
-        "code.vaelab.model"
+        "the code of vaelab.model changed"
         in load_checkpoint(tmp_path / "c.pt", config=edited, data_md5={"a": "1"})[1]
     )
     assert (

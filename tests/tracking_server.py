@@ -119,6 +119,11 @@ def _start(folder: Path, port: int) -> subprocess.Popen | None:
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while True:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"mlflow server did not answer in {START_TIMEOUT_S} s:\n"
+                    f"{server.log.read_text()[-5000:]}"
+                )
             if process.poll() is not None:
                 output = server.log.read_text()
                 if "address already in use" in output.lower():
@@ -127,15 +132,14 @@ def _start(folder: Path, port: int) -> subprocess.Popen | None:
             try:
                 server.get("experiments/search", max_results="1")
             except (OSError, ValueError):  # refused, reset, 5xx while starting
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"mlflow server did not answer in {START_TIMEOUT_S} s:\n"
-                        f"{server.log.read_text()[-5000:]}"
-                    )
                 time.sleep(0.5)
                 continue
-            if process.poll() is None:  # it answered, and it is ours (still running)
+            # Something answered; it is ours once our server says it listens on the port (a
+            # process that took the port first could answer while ours is still starting).
+            ours = f"running on http://127.0.0.1:{port}" in server.log.read_text().lower()
+            if ours and process.poll() is None:
                 return process
+            time.sleep(0.5)
     except BaseException:
         _stop(process)
         raise

@@ -63,15 +63,22 @@ def load(path: Path, *, config: dict, data_md5: dict) -> tuple[dict | None, str]
             "It was not loaded. Delete it to train from scratch."
         ) from None
     if checkpoint["config"] != config:
-        changed = [
-            f"{k}: {checkpoint['config'].get(k)} -> {config.get(k)}"
-            for k in sorted(set(config) | set(checkpoint["config"]))
-            if checkpoint["config"].get(k) != config.get(k)
-        ]
-        return None, f"the params changed since {path} was written ({'; '.join(changed)})"
+        return None, _what_changed(checkpoint["config"], config, path)
     if checkpoint["data_md5"] != data_md5:
         return None, f"the data changed since {path} was written"
     return checkpoint, ""
+
+
+def _what_changed(old: dict[str, str], new: dict[str, str], path: Path) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    code = [k.removeprefix("code.") for k in keys if k.startswith("code.")]
+    other = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if not k.startswith("code.")]
+    reasons = []
+    if other:
+        reasons.append(f"the params changed since {path} was written ({'; '.join(other)})")
+    if code:
+        reasons.append(f"the code of {', '.join(code)} changed since {path} was written")
+    return "; ".join(reasons)
 
 
 @dataclass(frozen=True)

@@ -155,9 +155,11 @@ class StopAgreement:
         return False
 
     def close(self) -> None:
-        """Wait for the last reduction (training ended without a stop)."""
+        """Wait for the last reduction, if one is under way (every rank started it). A peer that
+        failed makes the wait fail too; that error adds nothing to the one being raised."""
         if self._pending is not None:
-            self._pending.wait()
+            with contextlib.suppress(RuntimeError):
+                self._pending.wait()
             self._pending = None
 
 
@@ -167,11 +169,17 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopFlag:
     """A signal handler that only records the request, for the loop to read between two steps:
     an exception raised at an arbitrary point could land inside MLflow's or SQLite's code and be
-    swallowed there. After the first signal the default actions return, so a second one stops
-    at once."""
+    swallowed there.
 
-    def __init__(self) -> None:
+    In a single process a second signal stops at once (the default actions return after the
+    first). A DDP rank keeps recording: torchrun sends a rank more than one signal (the forwarded
+    Ctrl-C, then SIGTERM when a peer has exited; a terminal's Ctrl-C reaches ranks of a torchrun
+    started by hand directly too), and rank 0 must still mark its run KILLED; torchrun's own
+    SIGKILL after 30 s ends a rank that hangs."""
+
+    def __init__(self, repeat_stops_at_once: bool = True) -> None:
         self.signal: int | None = None
+        self.repeat_stops_at_once = repeat_stops_at_once
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopFlag]:
@@ -185,9 +193,10 @@ class StopFlag:
                 signal.signal(signum, handler)
 
     def request(self, signum: int, frame: object) -> None:
-        self.signal = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.signal = self.signal or signum
+        if self.repeat_stops_at_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def is_set(self) -> bool:
         return self.signal is not None
@@ -217,10 +226,11 @@ def launch(nproc: int, argv: list[str]) -> None:
             f"interrupted ({signal.Signals(forwarded[0]).name}) after training had finished: "
             "the model and history are written and the MLflow run waits for `record`."
         )
-    if forwarded:  # the ranks agreed on the stop (StopAgreement): rank 0 marked the run KILLED
+    if forwarded:  # the ranks agreed on the stop (StopAgreement); rank 0 recorded the run
         raise VaelabError(
-            f"interrupted ({signal.Signals(forwarded[0]).name}); the MLflow run is marked KILLED. "
-            "Distributed runs do not resume: `dvc repro` starts training again."
+            f"interrupted ({signal.Signals(forwarded[0]).name}): the training processes stopped; "
+            "rank 0's message above says what became of the MLflow run. Distributed runs do not "
+            "resume: `dvc repro` starts training again."
         )
     if code != 0:
         raise VaelabError(

@@ -23,7 +23,7 @@ from vaelab import params as params_mod
 from vaelab.data import CHECKSUMS_FILE, load_split
 from vaelab.errors import VaelabError, run_stage
 from vaelab.files import atomic_write_bytes
-from vaelab.model import save
+from vaelab.model import VAE, save
 from vaelab.params import Params
 from vaelab.training import check_batch_size, train_model
 
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     if params.train.nproc > 1 and world.size == 1:
         distributed.launch(params.train.nproc, sys.argv[1:] if argv is None else list(argv))
         return
-    stop = distributed.StopFlag()  # Ctrl-C / SIGTERM: stop between two steps
+    # Ctrl-C / SIGTERM: stop between two steps.
+    stop = distributed.StopFlag(repeat_stops_at_once=world.size == 1)
     with stop.installed():
         train_stage(args, params, world=world, stop=stop)
 
@@ -108,13 +109,14 @@ def train_and_record(
         )
     resume = resume_from(checkpoint)
     rows: list[dict[str, float]] = list(resume["history"]) if resume else []
+    run_id = resume["run_id"] if resume else None
     try:
         with tracking.training_run(
             params,
             checksums,
             device=device,
             params_file=args.params,
-            resume_run_id=resume["run_id"] if resume else None,
+            resume_run_id=run_id,
             history=rows,
             world_size=world.size,
         ) as run:
@@ -138,22 +140,28 @@ def train_and_record(
                 stop_requested=stop.is_set,
                 world=world,
             )
-            history.write(args.history, rows)  # also when a resume had no epoch left to run
-            save(model, args.model)
-            info = {"run_id": run.run_id, "experiment": params.mlflow.experiment}
-            atomic_write_bytes(args.run_info, (json.dumps(info, indent=2) + "\n").encode())
+            write_outputs(args, model, rows, run.run_id, params.mlflow.experiment)
     except KeyboardInterrupt:
-        how = (
-            "again to resume from the last complete epoch"
-            if checkpoint
-            else ("again to train from the start (distributed runs do not resume)")
-        )
+        how = "resume from the last complete epoch"
+        if checkpoint is None:
+            how = "train from the start (distributed runs do not resume)"
         raise VaelabError(
             f"interrupted after epoch {len(rows)}; the MLflow run is marked KILLED. Run "
-            f"`dvc repro` (or this command) {how}."
+            f"`dvc repro` (or this command) again to {how}."
         ) from None
     args.checkpoint.unlink(missing_ok=True)  # finished: the model and history hold everything
     print(f"train: model -> {args.model}, MLflow run {run.run_id}")
+
+
+def write_outputs(
+    args: argparse.Namespace, model: VAE, rows: list[dict], run_id: str, experiment: str
+) -> None:
+    """The stage's outputs: the history (also when a resume had no epoch left to run), the model
+    and the run info that ``record`` reads."""
+    history.write(args.history, rows)
+    save(model, args.model)
+    info = {"run_id": run_id, "experiment": experiment}
+    atomic_write_bytes(args.run_info, (json.dumps(info, indent=2) + "\n").encode())
 
 
 def resume_from(checkpoint: checkpoints.CheckpointFile | None) -> dict | None:

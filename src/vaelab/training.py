@@ -114,9 +114,9 @@ def check_batch_size(batch_size: int, n_images: int) -> None:
 @dataclass
 class TrainingState:
     """Everything an epoch boundary needs to go on exactly as an uninterrupted run would: the
-    model, the optimizer, the history so far and every RNG state. ``snapshot`` and ``restore``
-    are the one place that writes and the one place that reads it (a checkpoint is a snapshot).
-    """
+    model, the optimizer, the history so far and every RNG state. ``snapshot`` is the one place
+    that writes it out (a checkpoint is a snapshot plus what it must match) and ``restore`` the
+    one place that puts it back."""
 
     model: VAE
     optimizer: torch.optim.Optimizer
@@ -154,32 +154,63 @@ class TrainingState:
 
 
 @dataclass(frozen=True)
-class EpochData:
-    """The training images on the device and how an epoch walks them: batches of
-    ``batch_size`` along a permutation (the last batch may be smaller), each rank training on
-    its slice of the global batch."""
+class EpochPlan:
+    """What every epoch does with the training images, which stay on the device: batches of
+    ``batch_size`` along a permutation (the last batch may be smaller), each rank training on its
+    slice of the global batch, with the loss divisors and the KL weight of every step."""
 
-    images: torch.Tensor  # uint8 (N, 28, 28), binarised once if static
+    images: torch.Tensor  # uint8 (N, 28, 28) on the device, binarised once if static
     batch_size: int
     binarize: str
     world: distributed.World
     divisors: tuple[torch.Tensor, torch.Tensor]  # loss divisors: full batches, the last one
+    beta: float
+    kl_warmup_epochs: int
 
     @classmethod
-    def create(cls, images: torch.Tensor, params: Params, world: distributed.World) -> EpochData:
+    def create(
+        cls,
+        images: torch.Tensor,
+        params: Params,
+        *,
+        world: distributed.World,
+        device: torch.device,
+    ) -> EpochPlan:
+        images = training_images(images, params.data.binarize).to(device)
         size = params.train.batch_size
-        n_batches = math.ceil(len(images) / size)
-        last_size = len(images) - (n_batches - 1) * size
+        last_size = len(images) - (math.ceil(len(images) / size) - 1) * size
         # See make_train_step: B_global / world (on one process, B: the batch mean).
         divisors = (
-            torch.tensor(size / world.size, device=images.device),
-            torch.tensor(last_size / world.size, device=images.device),
+            torch.tensor(size / world.size, device=device),
+            torch.tensor(last_size / world.size, device=device),
         )
-        return cls(images, size, params.data.binarize, world, divisors)
+        return cls(
+            images,
+            size,
+            params.data.binarize,
+            world,
+            divisors,
+            params.loss.beta,
+            params.train.kl_warmup_epochs,
+        )
 
     @property
     def n_batches(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def kl_weights(self, epoch: int) -> torch.Tensor:
+        """The KL weight of every step of ``epoch``, (n_batches,), on the device."""
+        return kl_weights(
+            self.beta,
+            warmup_epochs=self.kl_warmup_epochs,
+            epoch=epoch,
+            n_batches=self.n_batches,
+            device=self.device,
+        )
 
     def batch(
         self, permutation: torch.Tensor, step: int, latent_dims: int
@@ -212,22 +243,23 @@ class EpochResult:
 
 def train_epoch(
     state: TrainingState,
-    data: EpochData,
+    plan: EpochPlan,
     *,
+    epoch: int,
     train_step: TrainStep,
-    kl_weight: torch.Tensor,
     should_stop: Callable[[], bool],
-    label: str,
 ) -> EpochResult:
-    """One pass over the training set in a seeded order. Sums and the first bad step stay on the
-    device during the pass (no host sync per step); ``should_stop`` is asked before every step
-    and raises KeyboardInterrupt between two steps."""
-    device = data.images.device
+    """Epoch ``epoch``'s pass over the training set in a seeded order. Sums and the first bad step
+    stay on the device during the pass (no host sync per step); ``should_stop`` is asked before
+    every step and raises KeyboardInterrupt between two steps."""
+    data, device = plan, plan.device
+    kl_weight = plan.kl_weights(epoch)
     state.model.train()
     permutation = torch.randperm(len(data.images), generator=state.order, device=device)
     sums = torch.zeros(3, device=device)  # (loss, recon, kl) summed over images
     first_bad_step = torch.tensor(-1, device=device)
     local_images = 0  # images this rank trained on (all ranks together: the data set)
+    label = f"epoch {epoch}"
     bar = tqdm(range(data.n_batches), desc=label, leave=False, disable=None, unit="batch")
     for step in bar:
         if should_stop():
@@ -244,7 +276,7 @@ def train_epoch(
 
 
 def gather_epoch(
-    data: EpochData, *, sums: torch.Tensor, first_bad_step: torch.Tensor, local_images: int
+    data: EpochPlan, *, sums: torch.Tensor, first_bad_step: torch.Tensor, local_images: int
 ) -> EpochResult:
     """Combine the ranks' epoch (sums, the earliest bad step, image counts); one host sync."""
     world, n_batches = data.world, data.n_batches
@@ -260,39 +292,37 @@ def gather_epoch(
 
 
 def test_pass(
-    model: VAE, test_images: torch.Tensor, *, likelihood: str, seed: int, epoch: int
+    model: VAE, test_images: torch.Tensor, *, params: Params, epoch: int
 ) -> dict[str, float]:
     """The test set's ELBO after ``epoch`` (nats per image), with noise of its own seed, so that
     evaluating never shifts training's RNG."""
-    noise = torch.Generator(device=test_images.device).manual_seed(seed * 100_003 + epoch)
-    return dataset_elbo(model, test_images, likelihood, noise)
+    seed = params.train.seed * 100_003 + epoch
+    noise = torch.Generator(device=test_images.device).manual_seed(seed)
+    return dataset_elbo(model, test_images, params.loss.likelihood, noise)
 
 
 def check_diverged(
-    result: EpochResult,
-    test_finite: bool,
-    *,
-    epoch: int,
-    n_batches: int,
-    lr: float,
-    world: distributed.World,
+    result: EpochResult, test: dict[str, float], *, epoch: int, plan: EpochPlan, lr: float
 ) -> None:
-    """Raise the divergence error if a step's loss was not finite, or if the test ELBO is not
-    (``test_finite``, rank 0's verdict shared with every rank): a step's loss is computed before
-    its update, so an update that breaks the model in the last (or only) step of an epoch shows
-    in no loss."""
+    """Raise the divergence error if a step's loss was not finite, or if the test ELBO is not: a
+    step's loss is computed before its update, so an update that breaks the model in the last
+    (or only) step of an epoch shows in no loss. Rank 0 alone has ``test``; its verdict reaches
+    every rank, so all stop together."""
+    test_finite = distributed.all_true(
+        math.isfinite(test.get("neg_elbo", 0.0)), plan.world, plan.device
+    )
     bad_step = result.first_bad_step
     if bad_step < 0 and math.isfinite(result.loss) and test_finite:
         return
     what = (
         f"the training loss became NaN or infinite at epoch {epoch}, step {bad_step} "
-        f"of {n_batches}"
+        f"of {plan.n_batches}"
         if bad_step > 0
         else f"the test ELBO became NaN or infinite after epoch {epoch}"
     )
-    kept = (
-        f"The checkpoint of epoch {epoch - 1} is kept. " if epoch > 1 and world.size == 1 else ""
-    )
+    kept = ""
+    if epoch > 1 and plan.world.size == 1:  # DDP runs write no checkpoints
+        kept = f"The checkpoint of epoch {epoch - 1} is kept. "
     raise VaelabError(f"{what}: training diverged. {kept}Lower train.lr (now {lr}) and run again.")
 
 
@@ -313,6 +343,15 @@ def history_row(
         "images_per_second": n_images / seconds,
         "train/images": result.images,
     }
+
+
+def print_epoch(row: dict[str, float], epochs: int) -> None:
+    print(
+        f"epoch {row['epoch']:3d}/{epochs}  train -ELBO {row['train/neg_elbo']:9.3f}  "
+        f"test -ELBO {row['test/neg_elbo']:9.3f}  ({row['epoch_seconds']:.1f} s, "
+        f"{row['images_per_second']:,.0f} img/s)",
+        flush=True,
+    )
 
 
 def train_model(
@@ -341,54 +380,29 @@ def train_model(
         trained, state.optimizer, likelihood=params.loss.likelihood, compile=cfg.compile
     )
     should_stop = distributed.StopAgreement(stop_requested, world)  # ranks stop at one step
-    data = EpochData.create(
-        training_images(train_images, params.data.binarize).to(device), params, world
-    )
+    plan = EpochPlan.create(train_images, params, world=world, device=device)
     test_images = evaluation_images(test_images, params.data.binarize, "test").to(device)
     if resume is not None:
         state.restore(resume)
-    for epoch in range(len(state.history) + 1, cfg.epochs + 1):
-        started = time.perf_counter()
-        weights = kl_weights(
-            params.loss.beta,
-            warmup_epochs=cfg.kl_warmup_epochs,
-            epoch=epoch,
-            n_batches=data.n_batches,
-            device=device,
-        )
-        result = train_epoch(
-            state,
-            data,
-            train_step=train_step,
-            kl_weight=weights,
-            should_stop=should_stop,
-            label=f"epoch {epoch}/{cfg.epochs}",
-        )
-        seconds = time.perf_counter() - started
-        test = {}
-        if world.is_main:  # rank 0 evaluates, logs and reports
-            test = test_pass(
-                state.model,
-                test_images,
-                likelihood=params.loss.likelihood,
-                seed=cfg.seed,
-                epoch=epoch,
+    try:
+        for epoch in range(len(state.history) + 1, cfg.epochs + 1):
+            started = time.perf_counter()
+            result = train_epoch(
+                state, plan, epoch=epoch, train_step=train_step, should_stop=should_stop
             )
-        test_finite = distributed.all_true(math.isfinite(test.get("neg_elbo", 0.0)), world, device)
-        check_diverged(
-            result, test_finite, epoch=epoch, n_batches=data.n_batches, lr=cfg.lr, world=world
-        )
-        if not world.is_main:
-            continue
-        row = history_row(epoch, result, test=test, seconds=seconds, n_images=len(train_images))
-        state.history.append(row)
-        on_state(state.snapshot())
-        print(
-            f"epoch {epoch:3d}/{cfg.epochs}  train -ELBO {row['train/neg_elbo']:9.3f}  "
-            f"test -ELBO {row['test/neg_elbo']:9.3f}  ({seconds:.1f} s, "
-            f"{row['images_per_second']:,.0f} img/s)",
-            flush=True,
-        )
-        on_epoch(row)
-    should_stop.close()
+            seconds = time.perf_counter() - started
+            test = {}
+            if world.is_main:  # rank 0 evaluates, logs and reports
+                test = test_pass(state.model, test_images, params=params, epoch=epoch)
+            check_diverged(result, test, epoch=epoch, plan=plan, lr=cfg.lr)
+            if world.is_main:
+                row = history_row(
+                    epoch, result, test=test, seconds=seconds, n_images=len(train_images)
+                )
+                state.history.append(row)
+                on_state(state.snapshot())
+                print_epoch(row, cfg.epochs)
+                on_epoch(row)
+    finally:
+        should_stop.close()
     return state.model, state.history
