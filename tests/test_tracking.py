@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from tests.conftest import PROJECT
 from vaelab import params as params_mod
 from vaelab import tracking
 from vaelab.history import COLUMNS as HISTORY_COLUMNS
+from vaelab.model import VAE, load, save
 
 
 @pytest.fixture
@@ -42,7 +48,9 @@ def _outputs(tmp_path, params, checksums, run_id) -> tracking.PipelineOutputs:
     outputs.checksums.write_text(json.dumps(checksums))
     outputs.metrics.write_text(json.dumps({"test": {"neg_elbo": 21.5}}))
     (outputs.figures / "loss_curve.png").write_bytes(b"png one")
-    outputs.model.write_bytes(b"weights")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        save(VAE(latent_dims=3, hidden=(8,)), outputs.model)
     return outputs
 
 
@@ -85,6 +93,15 @@ def assert_recorded(store, run_id: str, params, outputs: tracking.PipelineOutput
     )
     assert Path(model).read_bytes() == outputs.model.read_bytes()
     assert tracking.FINGERPRINT_TAG in run.data.tags
+    # The MLflow model: linked to the run, carrying the evaluation metrics, with a signature.
+    logged = store.get_logged_model(run.data.tags[tracking.MODEL_TAG].removeprefix("models:/"))
+    assert logged.source_run_id == run_id
+    assert {m.key: m.value for m in logged.metrics}["eval/test/neg_elbo"] == 21.5
+    info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
+    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3)
+    assert info.signature.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 784)}}
+    ]
 
 
 def test_record_completes_then_is_idempotent_then_sees_new_figures(store, tmp_path, tiny_params):
@@ -177,3 +194,44 @@ def test_changed_params_against_the_committed_file(tmp_path, monkeypatch, tiny_p
     )
     assert tracking.changed_params(base, repo / "params.yaml", "no-such-rev") is None
     assert tracking.changed_params(base, tmp_path / "elsewhere.yaml", "HEAD") is None
+
+
+# Loads the model in a Python where `import vaelab` fails (the project's src/ is taken off the
+# path first, and that is checked): what a user without vaelab installed gets. argv: URI, N.
+LOAD_WITHOUT_VAELAB = """
+import sys
+sys.path = [p for p in sys.path if not p.startswith(sys.argv[3])]
+try:
+    import vaelab
+    raise SystemExit("vaelab is importable here: " + vaelab.__file__)
+except ImportError:
+    pass
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[1])
+pixels = np.random.default_rng(0).random((int(sys.argv[2]), 784), dtype=np.float32)
+np.save(sys.stdout.buffer, model.predict(pixels))
+import vaelab
+assert not vaelab.__file__.startswith(sys.argv[3]), vaelab.__file__
+"""
+
+
+def test_the_logged_model_predicts_latent_means_without_vaelab(store, tmp_path, tiny_params):
+    run_id = _train_run(tiny_params)
+    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
+    outputs.history.write_text("epoch\n1\n")
+    tracking.record(tiny_params, outputs, HISTORY)
+    uri = store.get_run(run_id).data.tags[tracking.MODEL_TAG]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_VAELAB, uri, "5", str(PROJECT / "src")],
+        env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    import io
+
+    predicted = np.load(io.BytesIO(done.stdout))
+    pixels = np.random.default_rng(0).random((5, 784), dtype=np.float32)
+    with torch.inference_mode():
+        expected = load(outputs.model).encode(torch.from_numpy(pixels).view(-1, 1, 28, 28))[0]
+    assert predicted.shape == (5, 3)
+    np.testing.assert_allclose(predicted, expected.numpy(), atol=1e-5, rtol=0)

@@ -45,6 +45,8 @@ def _quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", message=".*SADeprecationWarning.*")
     warnings.filterwarnings("ignore", module="sqlalchemy")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="mlflow")
+    # vaelab.serving's model has an explicit signature; MLflow's type-hint inference is unused.
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -199,11 +201,12 @@ def context_tags(checksums: dict, params: Params, params_file: Path) -> dict[str
     return tags
 
 
-def _metric_batch(values: dict[str, float], step: int, prefix: str = ""):
+def _metric_batch(values: dict[str, float], step: int, model_id: str | None = None):
+    """MLflow metrics at ``step``; with ``model_id`` they are also the logged model's."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(f"{prefix}{k}", float(v), now, step) for k, v in values.items()]
+    return [Metric(k, float(v), now, step, model_id=model_id) for k, v in values.items()]
 
 
 @dataclass
@@ -409,14 +412,57 @@ def _rebuild(
 
 
 def _upload(client, run_id: str, outputs: PipelineOutputs, history: list[dict]) -> None:
-    """The evaluation metrics (step = last epoch), figures, reports and the model."""
-    metrics = json.loads(outputs.metrics.read_text())
-    final_step = int(history[-1]["epoch"]) if history else 0
-    client.log_batch(run_id, metrics=_metric_batch(flatten_metrics(metrics), final_step))
+    """The figures, reports, the weights file, the MLflow model, and the evaluation metrics
+    (step = last epoch), which are also the model's."""
     client.log_artifacts(run_id, str(outputs.figures), artifact_path="figures")
     for path in (outputs.params_file, outputs.metrics, outputs.history, outputs.checksums):
         client.log_artifact(run_id, str(path), artifact_path="reports")
     client.log_artifact(run_id, str(outputs.model), artifact_path="model")
+    model_id = log_model(client, run_id, outputs.model)
+    metrics = flatten_metrics(json.loads(outputs.metrics.read_text()))
+    final_step = int(history[-1]["epoch"]) if history else 0
+    client.log_batch(run_id, metrics=_metric_batch(metrics, final_step, model_id))
+
+
+MODEL_TAG = "vaelab.model_uri"
+
+
+def log_model(client, run_id: str, weights: Path) -> str:
+    """Log ``weights`` as the run's MLflow model (``vaelab.serving``: a pyfunc from pixels to
+    latent means, with signature and input example, carrying this package as its code so that
+    it loads without vaelab installed); return its model id. The run stays RUNNING."""
+    import mlflow
+
+    from vaelab import serving
+    from vaelab.model import load
+
+    mlflow.set_tracking_uri(tracking_uri())
+    latent_dims = load(weights).latent_dims
+    # The fluent API logs into the active run; ending it would mark the run FINISHED before
+    # record has set its fingerprint, so the status is put back.
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            # Not "model": the run's artifact folder model/ holds the weights file, and MLflow
+            # would resolve runs:/<id>/model to both.
+            name="vae",
+            python_model=serving.LatentMeans(),
+            artifacts={"weights": str(weights)},
+            code_paths=[str(Path(serving.__file__).parent)],
+            signature=serving.signature(latent_dims),
+            input_example=serving.input_example(),
+            pip_requirements=_requirements(),
+        )
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, MODEL_TAG, info.model_uri)
+    print(f"record: MLflow model {info.model_uri}")
+    return info.model_id
+
+
+def _requirements() -> list[str]:
+    """What the model needs where it is loaded (vaelab itself travels as its code)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "numpy")]
 
 
 KIND_TAG = "vaelab.kind"  # "comparison" on the runs vaelab.compare logs
