@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5000
 
-.PHONY: repro test ui bench compare sweep preset lint clean-venv
+.PHONY: repro test ui bench compare register sweep preset lint clean-venv
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -40,6 +40,13 @@ compare: $(VENV)/.installed
 	$(BIN)/python -m vaelab.compare --params params.yaml --report reports/comparison.md \
 		--figures reports/comparison $(COMPARE_ARGS)
 
+# Register the model of the best finished run (lowest eval/test_iw/nll) as a new version of
+# "vaelab-vae" and point the alias "champion" at it: models:/vaelab-vae@champion.
+# E.g. make register REGISTER_ARGS="--filter \"tags.sweep = 'x'\""
+REGISTER_ARGS ?=
+register: $(VENV)/.installed
+	$(BIN)/python -m vaelab.register --params params.yaml $(REGISTER_ARGS)
+
 # The default sweep: latent_dims 2, 5, 10, 20 at the tutorial's settings, queued as DVC
 # experiments, run 2 at a time, then compared. SWEEP_VALUES / SWEEP_KEY / SWEEP_JOBS change it.
 SWEEP_KEY    ?= model.latent_dims
@@ -52,6 +59,8 @@ SWEEP_NAME := $(lastword $(subst ., ,$(SWEEP_KEY)))-$(shell date +%Y%m%d-%H%M%S)
 endif
 sweep: $(VENV)/.installed
 	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	python -m vaelab.sweep --params params.yaml --label '$(SWEEP_NAME)' \
+		--swept '$(SWEEP_KEY)=$(SWEEP_VALUES)'; \
 	queued=$$(dvc exp run --queue -S '$(SWEEP_KEY)=$(SWEEP_VALUES)' \
 		-S 'mlflow.sweep=$(SWEEP_NAME)' | tee /dev/stderr | grep -c '^Queued experiment'); \
 	OMP_NUM_THREADS=$(SWEEP_THREADS) dvc queue start -j $(SWEEP_JOBS); \

@@ -19,7 +19,7 @@ from tests.test_faults import client, env_for, train_cmd, write_params
 from vaelab import params as params_mod
 from vaelab.data import prepare_custom
 from vaelab.errors import VaelabError
-from vaelab.history import COLUMNS as HISTORY_COLUMNS
+from vaelab.history import METRICS as HISTORY_METRICS
 from vaelab.history import read as read_history
 
 # Max |difference| of any weight after 2 epochs (20 steps): reduction order only moves the last
@@ -59,7 +59,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist):
     store = client(results[2] / "mlflow.db")
     (run,) = store.search_runs([store.get_experiment_by_name("vaelab").experiment_id])
     assert run.data.tags["world_size"] == "2" and run.data.params["train.nproc"] == "2"
-    for key in HISTORY_COLUMNS[1:]:
+    assert run.data.tags["train.images_per_epoch"] == str(N_TRAIN)
+    for key in HISTORY_METRICS:
         assert [m.step for m in store.get_metric_history(run.info.run_id, key)] == [1, 2], key
     assert not (results[2] / "checkpoint.pt").exists()
 

@@ -15,7 +15,7 @@ from vaelab import imports
 
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
 # Commands with a main() that are not DVC stages (Makefile targets).
-COMMANDS = ("vaelab.bench", "vaelab.compare", "vaelab.presets")
+COMMANDS = ("vaelab.bench", "vaelab.compare", "vaelab.presets", "vaelab.register", "vaelab.sweep")
 
 
 def stage_module(stage: dict) -> str:

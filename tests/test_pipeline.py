@@ -28,13 +28,13 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import PROJECT, TINY, write_fake_mnist
+from tests.conftest import N_TEST, N_TRAIN, PROJECT, TINY, write_fake_mnist
 from vaelab import params as params_mod
-from vaelab.history import COLUMNS as HISTORY_COLUMNS
+from vaelab import tracking
+from vaelab.history import METRICS as PER_EPOCH
 from vaelab.plot import FIGURES
 
 EXPERIMENT = "vaelab"
-PER_EPOCH = [c for c in HISTORY_COLUMNS if c != "epoch"]
 EVAL_METRICS = [
     "eval/test/neg_elbo",
     "eval/test/recon",
@@ -144,6 +144,21 @@ def assert_complete(repo: Path, run_, params_file: Path) -> None:
     for name, entry in manifest["files"].items():
         assert tags[f"data.md5.{name}"] == entry["md5"]
     assert tags["device"] == "cpu" and tags["torch.version"]
+    # Counts are tags, never metrics; the data are the run's dataset inputs; MLflow's own
+    # source tags fill the UI's Source column.
+    assert (
+        not set(tracking.COUNTS) & set(run_.data.metrics)
+        and "train/images" not in run_.data.metrics
+    )
+    assert tags["eval.images.train"] == tags["train.images_per_epoch"] == str(N_TRAIN)
+    assert tags["eval.images.test"] == str(N_TEST)
+    # Named after the source and split (and the binarisation, where there is one).
+    contexts = {i.dataset.name.split(" (")[0]: {t.key: t.value for t in i.tags}
+                for i in run_.inputs.dataset_inputs}  # fmt: skip
+    assert {name: tags_["mlflow.data.context"] for name, tags_ in contexts.items()} == {
+        "custom train": "training", "custom test": "evaluation"}  # fmt: skip
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"].startswith("src/")
+    assert tags["mlflow.source.git.commit"] == tags["git.commit"] and tags["mlflow.user"]
     # Artifacts live in the repository's mlartifacts/, not in a temporary copy.
     local = Path(run_.info.artifact_uri.removeprefix("file://"))
     assert local.is_relative_to(repo / "mlartifacts"), run_.info.artifact_uri
@@ -307,11 +322,16 @@ def test_a_preset_runs_as_a_named_experiment(reproduced_copy):
     assert saved == {"latent_dims": 50, "hidden": [200, 200], "arch": "mlp", "activation": "tanh"}
 
 
-def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
+def test_a_queued_sweep_is_a_parent_run_with_two_complete_children(tmp_path):
     repo = make_repo(tmp_path / "queue")
-    # DVC's grid syntax: one queued experiment per value.
+    # As make sweep does: the sweep's parent run first, then DVC's grid syntax, one queued
+    # experiment per value.
+    sweep = [sys.executable, "-m", "vaelab.sweep", "--params", "params.yaml", "--label", "seeds",
+             "--swept", "train.seed=1,2"]  # fmt: skip
+    run(repo, *sweep)
+    (parent,) = runs(repo)
+    assert (parent.info.run_name, parent.data.params) == ("seeds", {"sweep.train.seed": "1,2"})
     run(repo, "dvc", "exp", "run", "--queue", "-S", "train.seed=1,2", "-S", "mlflow.sweep=seeds")
-    assert not (repo / "mlflow.db").exists()
     run(repo, "dvc", "queue", "start", "-j", "2")
     deadline = time.time() + 400
     while time.time() < deadline:
@@ -322,8 +342,10 @@ def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
     else:
         pytest.fail(f"queue did not finish:\n{status}")
     assert status.count("Success") == 2, status
-    done = runs(repo)
+    done = [r for r in runs(repo) if r.info.run_id != parent.info.run_id]
     assert len(done) == 2
+    # The sweep is one expandable row in the UI: both runs are the parent's children.
+    assert [r.data.tags["mlflow.parentRunId"] for r in done] == [parent.info.run_id] * 2
     assert sorted(r.data.tags["params.changed"] for r in done) == [
         "train.seed=1, mlflow.sweep=seeds",
         "train.seed=2, mlflow.sweep=seeds",
@@ -354,4 +376,10 @@ def test_two_queued_experiments_on_a_fresh_store_both_complete(tmp_path):
     table = (repo / "reports" / "comparison.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| run"))
     assert "train.seed" in header and "eval/test_iw/nll" in header
+    # The report went into the sweep's parent, which is now finished; no sibling run was made.
+    parent = client_for(repo).get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    logged = {a.path for a in client_for(repo).list_artifacts(parent.info.run_id, "comparison")}
+    assert "comparison/comparison.md" in logged
+    assert len(runs(repo)) == 3
     assert (repo / "reports" / "comparison" / "comparison_train.seed.png").stat().st_size > 0

@@ -16,6 +16,7 @@ from tests.conftest import PROJECT
 from vaelab import params as params_mod
 from vaelab import tracking
 from vaelab.history import COLUMNS as HISTORY_COLUMNS
+from vaelab.history import METRICS as HISTORY_METRICS
 from vaelab.model import VAE, load, save
 
 
@@ -46,7 +47,8 @@ def _outputs(tmp_path, params, checksums, run_id) -> tracking.PipelineOutputs:
     outputs.params_file.write_text("placeholder: the params object is passed directly\n")
     outputs.run_info.write_text(json.dumps({"run_id": run_id}))
     outputs.checksums.write_text(json.dumps(checksums))
-    outputs.metrics.write_text(json.dumps({"test": {"neg_elbo": 21.5}}))
+    evaluation = {"test": {"neg_elbo": 21.5}, "epochs": 2, "images": {"train": 60, "test": 10}}
+    outputs.metrics.write_text(json.dumps(evaluation))
     (outputs.figures / "loss_curve.png").write_bytes(b"png one")
     with torch.random.fork_rng():
         torch.manual_seed(3)
@@ -79,10 +81,19 @@ def assert_recorded(store, run_id: str, params, outputs: tracking.PipelineOutput
     run = store.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params == {k: str(v) for k, v in params_mod.flatten(params).items()}
-    for key in HISTORY_COLUMNS[1:]:
+    for key in HISTORY_METRICS:
         logged = sorted((m.step, m.value) for m in store.get_metric_history(run_id, key))
         assert logged == [(row["epoch"], row[key]) for row in HISTORY], key
     assert run.data.metrics["eval/test/neg_elbo"] == 21.5
+    # Counts are tags, not metrics.
+    assert "eval/epochs" not in run.data.metrics and "eval/images/train" not in run.data.metrics
+    assert "train/images" not in run.data.metrics
+    tags = run.data.tags
+    assert (tags["eval.epochs"], tags["eval.images.train"], tags["eval.images.test"]) == (
+        "2", "60", "10")  # fmt: skip
+    assert tags["train.images_per_epoch"] == str(int(HISTORY[-1]["train/images"]))
+    contexts = {i.dataset.name: i.tags[0].value for i in run.inputs.dataset_inputs}
+    assert contexts == {"custom train": "training", "custom test": "evaluation"}
     figures = {a.path for a in store.list_artifacts(run_id, "figures")}
     assert figures == {f"figures/{p.name}" for p in outputs.figures.iterdir()}
     reports = {a.path for a in store.list_artifacts(run_id, "reports")}
@@ -235,3 +246,26 @@ def test_the_logged_model_predicts_latent_means_without_vaelab(store, tmp_path, 
         expected = load(outputs.model).encode(torch.from_numpy(pixels).view(-1, 1, 28, 28))[0]
     assert predicted.shape == (5, 3)
     np.testing.assert_allclose(predicted, expected.numpy(), atol=1e-5, rtol=0)
+
+
+def test_dataset_digests_follow_the_bytes_and_names_the_binarisation():
+    files = {name: {"md5": f"{i}" * 32, "bytes": 16 + 784 * 5} for i, name in
+             enumerate(("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))}  # fmt: skip
+    checksums = {"source": "mnist", "files": files}
+
+    def by_name(checksums, binarize="none"):
+        return {i.dataset.name: i.dataset for i in tracking.dataset_inputs(checksums, binarize)}
+
+    first, again = by_name(checksums), by_name(json.loads(json.dumps(checksums)))
+    assert set(first) == {"mnist train", "mnist test"}
+    assert {n: d.digest for n, d in first.items()} == {n: d.digest for n, d in again.items()}
+    assert first["mnist train"].digest != first["mnist test"].digest
+    assert json.loads(first["mnist train"].profile) == {"num_rows": 5}
+    changed = json.loads(json.dumps(checksums))
+    changed["files"]["t10k-labels-idx1-ubyte"]["md5"] = "f" * 32
+    other = by_name(changed)
+    assert other["mnist test"].digest != first["mnist test"].digest  # other bytes, other digest
+    assert other["mnist train"].digest == first["mnist train"].digest
+    assert set(by_name(checksums, "dynamic")) == {
+        "mnist train (dynamic binarisation)", "mnist test (binarised, fixed seed)"}  # fmt: skip

@@ -45,7 +45,7 @@ METRIC_PREFIXES = (
     "eval/latent/probe_accuracy",
 )
 CURVE_METRIC = "test/neg_elbo"
-DEFAULT_METRIC = "eval/test_iw/nll"
+DEFAULT_METRIC = tracking.RANK_METRIC  # also make register's
 
 
 def varying_and_constant(runs: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
@@ -273,7 +273,11 @@ def compare(
     files.append(figures / "comparison_latents.png")
     plot_latents(table, varying, files[-1])
     if log:
-        run_id = tracking.log_comparison(experiment, files, list(table["run_id"]))
+        # One sweep's children, all of them: the report goes into their parent run.
+        column = runs.get("tags.mlflow.parentRunId")
+        one_parent = column is not None and column.notna().all() and column.nunique() == 1
+        parent = str(column.iloc[0]) if one_parent else None
+        run_id = tracking.log_comparison(experiment, files, list(table["run_id"]), parent)
         print(f"compare: logged to MLflow run {run_id} (artifacts under comparison/)")
     print(f"compare: {len(table)} runs -> {report}, {csv_path}, figures in {figures}")
     return files

@@ -24,6 +24,12 @@ COLUMNS = (
 )
 
 
+# The columns MLflow gets as per-epoch metrics: measurements. ``train/images`` (images trained on
+# in the epoch, all ranks together) is a count: the run carries it as a tag.
+METRICS = tuple(c for c in COLUMNS if c not in ("epoch", "train/images"))
+COUNT_TAGS = {"train/images": "train.images_per_epoch"}
+
+
 def write(path: Path, history: list[dict[str, float]]) -> None:
     """One row per epoch, ``COLUMNS`` in order, written atomically."""
     buffer = io.StringIO()

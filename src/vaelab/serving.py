@@ -4,7 +4,7 @@ loads and serves where vaelab is not installed (the model holds this package as 
 
     import mlflow
     model = mlflow.pyfunc.load_model("models:/m-...")   # the URI `record` prints
-    means = model.predict(pixels)   # float32 in [0, 1], (N, 784) or (N, 1, 28, 28) -> (N, latent)
+    means = model.predict(pixels)   # float32 in [0, 1], (N, 784) -> (N, latent)
     vae = model.unwrap_python_model().vae               # the torch module (vaelab.model.VAE)
     images = torch.sigmoid(vae.decode(z))               # latent (N, latent) -> (N, 1, 28, 28)
 
@@ -30,7 +30,8 @@ class LatentMeans(PythonModel):
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
         pixels = np.asarray(model_input, dtype=np.float32)
-        x = torch.from_numpy(pixels).reshape(-1, 1, 28, 28)  # (N, 784) or (N, 1, 28, 28)
+        # (N, 784), as the signature says; MLflow refuses other shapes before predict.
+        x = torch.from_numpy(pixels).reshape(-1, 1, 28, 28)
         with torch.inference_mode():
             return self.vae.encode(x)[0].numpy()
 

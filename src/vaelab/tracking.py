@@ -17,6 +17,7 @@ queued experiments that run in temporary copies log to the same store.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
 import json
 import os
@@ -32,9 +33,12 @@ from pathlib import Path
 import yaml
 
 from vaelab.errors import VaelabError
+from vaelab.history import COUNT_TAGS as HISTORY_COUNT_TAGS
+from vaelab.history import METRICS as HISTORY_METRICS
 from vaelab.params import Params, flatten, flatten_yaml, load_yaml
 
 FINGERPRINT_TAG = "vaelab.fingerprint"
+RECORD_STANDARD = 2
 SOURCE_RUN_TAG = "vaelab.source_run_id"
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -45,8 +49,6 @@ def _quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", message=".*SADeprecationWarning.*")
     warnings.filterwarnings("ignore", module="sqlalchemy")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="mlflow")
-    # vaelab.serving's model has an explicit signature; MLflow's type-hint inference is unused.
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -178,9 +180,12 @@ def changed_params(params: Params, params_file: Path, baseline: str) -> str | No
     return ", ".join(f"{key}={value}" for key, value in now.items() if before.get(key) != value)
 
 
-def context_tags(checksums: dict, params: Params, params_file: Path) -> dict[str, str]:
+def context_tags(
+    checksums: dict, params: Params, params_file: Path, source: str = "src/vaelab/train.py"
+) -> dict[str, str]:
     """Tags tying a run to its code, data and DVC experiment; ``sweep`` (``mlflow.sweep``)
-    groups the runs of one sweep."""
+    groups the runs of one sweep. The ``mlflow.source.*`` tags and ``mlflow.user`` are MLflow's
+    own for a script run (the UI's Source and User columns); ``source`` is the stage's module."""
     commit = _git("rev-parse", "HEAD") or "unknown"
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
@@ -188,6 +193,9 @@ def context_tags(checksums: dict, params: Params, params_file: Path) -> dict[str
     tags = {
         "git.commit": commit,
         "mlflow.source.git.commit": commit,
+        "mlflow.source.name": source,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": getpass.getuser(),
         "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc.baseline_rev": baseline,
@@ -199,6 +207,36 @@ def context_tags(checksums: dict, params: Params, params_file: Path) -> dict[str
     for name, entry in checksums.get("files", {}).items():
         tags[f"data.md5.{name}"] = entry["md5"]
     return tags
+
+
+def dataset_inputs(checksums: dict, binarize: str):  # -> list[mlflow DatasetInput]
+    """The training and test sets as MLflow dataset inputs (contexts ``training`` and
+    ``evaluation``): named after the data source and the binarisation, with a digest of the
+    verified files' MD5s (the same bytes, the same digest) and the image count as profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from vaelab.data import TEST_FILES, TRAIN_FILES
+
+    files = checksums.get("files", {})
+    # The test set of a binarised run is one fixed, seeded binary sample (vaelab.data).
+    suffixes = {"train": f" ({binarize} binarisation)", "test": " (binarised, fixed seed)"}
+    inputs = []
+    for split, context, names in (
+        ("train", "training", TRAIN_FILES),
+        ("test", "evaluation", TEST_FILES),
+    ):
+        md5s = "".join(f"{name}:{files.get(name, {}).get('md5', '')}\n" for name in names)
+        count = (files.get(names[0], {}).get("bytes", 16) - 16) // 784  # IDX: 16-byte header
+        dataset = Dataset(
+            name=f"{checksums.get('source', 'data')} {split}"
+            + (suffixes[split] if binarize != "none" else ""),
+            digest=hashlib.sha256(md5s.encode()).hexdigest()[:16],
+            source_type="local",
+            source=json.dumps({"files": list(names)}),
+            profile=json.dumps({"num_rows": count}),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+    return inputs
 
 
 def _metric_batch(values: dict[str, float], step: int, model_id: str | None = None):
@@ -215,9 +253,27 @@ class TrainingRun:
     run_id: str
 
     def log_epoch(self, row: dict[str, float]) -> None:
+        """The row's measurements as metrics at step = epoch; its counts as tags."""
+        from mlflow.entities import RunTag
+
         epoch = int(row["epoch"])
-        values = {k: v for k, v in row.items() if k != "epoch"}
-        self.client.log_batch(self.run_id, metrics=_metric_batch(values, epoch))
+        values = {k: v for k, v in row.items() if k in HISTORY_METRICS}
+        tags = [RunTag(tag, str(int(row[k]))) for k, tag in HISTORY_COUNT_TAGS.items() if k in row]
+        self.client.log_batch(self.run_id, metrics=_metric_batch(values, epoch), tags=tags)
+
+
+TRAINING_TAGS = ("device", "torch.version", "world_size")
+
+
+def training_tags(device: object, world_size: int) -> dict[str, str]:
+    """Where training ran (``TRAINING_TAGS``); ``world_size``: DDP processes, 1 for one."""
+    import torch
+
+    return {
+        "device": str(device),
+        "torch.version": torch.__version__,
+        "world_size": str(world_size),
+    }
 
 
 def _resumable(client, run_id: str | None, experiment_id: str):
@@ -249,7 +305,6 @@ def training_run(
     set RUNNING again and the epochs of ``history`` it lacks are logged, so no step is missing
     or doubled. On success it stays RUNNING: ``record`` finishes it after evaluate and plot.
     """
-    import torch
     from mlflow.entities import Param
 
     client, experiment_id = connect(params.mlflow.experiment)
@@ -261,18 +316,16 @@ def training_run(
             client.delete_tag(run_id, "vaelab.error")
         client.set_tag(run_id, "vaelab.resumed_after_epoch", str(len(history)))
     else:
-        tags = context_tags(checksums, params, params_file) | {
-            "device": str(device),
-            "torch.version": torch.__version__,
-            "world_size": str(world_size),  # DDP processes (1: a single process)
-        }
+        tags = context_tags(checksums, params, params_file) | training_tags(device, world_size)
+        tags |= _parent_tag(client, experiment_id, params.mlflow.sweep)
         run_name = os.environ.get("DVC_EXP_NAME") or None
         run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
     try:
         if resumed is None:
             flat = flatten(params)
             client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()])
-        logged = {m.step for m in client.get_metric_history(run_id, "train/loss")}
+        logged = {m.step for m in client.get_metric_history(run_id, HISTORY_METRICS[0])}
         run = TrainingRun(client, run_id)
         for row in history:
             if int(row["epoch"]) not in logged:
@@ -294,6 +347,9 @@ def _fingerprint(
     figures = sorted(p for p in outputs.figures.iterdir() if p.is_file())
     files = (outputs.metrics, outputs.checksums, outputs.model, *figures)
     payload = {
+        # What a complete run holds changed: 2 = with its MLflow model, datasets and count tags.
+        # A run recorded to an older standard matches no more, so record rebuilds it.
+        "standard": RECORD_STANDARD,
         "params": flat_params,
         "train_run_id": train_run_id,
         "history": history,
@@ -302,14 +358,36 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def flatten_metrics(metrics: dict, prefix: str = "eval/") -> dict[str, float]:
-    """{"test": {"neg_elbo": 1.0}} -> {"eval/test/neg_elbo": 1.0} (numbers only)."""
+# Numbers in metrics.json that are counts, not measurements: the run carries them as tags
+# (``eval.images.train`` ...), so that every MLflow metric is something measured.
+COUNTS = (
+    "eval/epochs",
+    "eval/images/train",
+    "eval/images/test",
+    "eval/latent/dims",
+    "eval/test_iw/samples",
+)
+
+
+def count_tags(metrics: dict) -> dict[str, str]:
+    """metrics.json's counts as tags: {"eval.images.train": "60000", ...}."""
+    flat = flatten_metrics(metrics, counts=True)
+    return {key.replace("/", "."): str(int(flat[key])) for key in COUNTS if key in flat}
+
+
+def flatten_metrics(
+    metrics: dict, prefix: str = "eval/", counts: bool = False
+) -> dict[str, float]:
+    """{"test": {"neg_elbo": 1.0}} -> {"eval/test/neg_elbo": 1.0} (numbers only; the ``COUNTS``
+    only with ``counts``)."""
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
-            flat |= flatten_metrics(value, f"{prefix}{key}/")
+            flat |= flatten_metrics(value, f"{prefix}{key}/", counts)
         elif isinstance(value, int | float) and not isinstance(value, bool):
             flat[f"{prefix}{key}"] = float(value)
+    if not counts:
+        flat = {key: value for key, value in flat.items() if key not in COUNTS}
     return flat
 
 
@@ -387,18 +465,19 @@ def _rebuild(
     MLflow params are immutable). An unfinished train run is marked superseded."""
     from mlflow.entities import Param
 
-    carried = {}
+    # Where training ran: from the train run, else (another store: a pulled DVC experiment)
+    # from the run info the train stage wrote beside the model.
+    written = json.loads(outputs.run_info.read_text()).get("tags", {})
+    carried = {k: v for k, v in written.items() if k in TRAINING_TAGS}
     if source is not None:
-        carried = {
-            k: source.data.tags[k]
-            for k in ("device", "torch.version", "world_size")
-            if k in source.data.tags
-        }
+        carried |= {k: source.data.tags[k] for k in TRAINING_TAGS if k in source.data.tags}
     checksums = json.loads(outputs.checksums.read_text())
-    tags = context_tags(checksums, params, outputs.params_file) | carried
+    tags = context_tags(checksums, params, outputs.params_file, "src/vaelab/record.py") | carried
     tags[SOURCE_RUN_TAG] = train_run_id
+    tags |= _parent_tag(client, experiment_id, params.mlflow.sweep)
     exp_name = os.environ.get("DVC_EXP_NAME") or None
     run_id = client.create_run(experiment_id, run_name=exp_name, tags=tags).info.run_id
+    client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
     flat = {k: str(v) for k, v in flatten(params).items()}
     client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
     rebuilt = TrainingRun(client, run_id)
@@ -414,14 +493,18 @@ def _rebuild(
 def _upload(client, run_id: str, outputs: PipelineOutputs, history: list[dict]) -> None:
     """The figures, reports, the weights file, the MLflow model, and the evaluation metrics
     (step = last epoch), which are also the model's."""
+    from mlflow.entities import RunTag
+
     client.log_artifacts(run_id, str(outputs.figures), artifact_path="figures")
     for path in (outputs.params_file, outputs.metrics, outputs.history, outputs.checksums):
         client.log_artifact(run_id, str(path), artifact_path="reports")
     client.log_artifact(run_id, str(outputs.model), artifact_path="model")
     model_id = log_model(client, run_id, outputs.model)
-    metrics = flatten_metrics(json.loads(outputs.metrics.read_text()))
+    evaluation = json.loads(outputs.metrics.read_text())
     final_step = int(history[-1]["epoch"]) if history else 0
-    client.log_batch(run_id, metrics=_metric_batch(metrics, final_step, model_id))
+    tags = [RunTag(k, v) for k, v in count_tags(evaluation).items()]
+    metrics = _metric_batch(flatten_metrics(evaluation), final_step, model_id)
+    client.log_batch(run_id, metrics=metrics, tags=tags)
 
 
 MODEL_TAG = "vaelab.model_uri"
@@ -497,8 +580,8 @@ def find_runs(experiment: str, filter_string: str = "", run_ids: list[str] = ())
         raise VaelabError(
             f"MLflow cannot search with {filter_string!r}: {error.message}"
         ) from None
-    if f"tags.{KIND_TAG}" in runs.columns:
-        runs = runs[runs[f"tags.{KIND_TAG}"].fillna("") != "comparison"]
+    if f"tags.{KIND_TAG}" in runs.columns:  # training runs only: no comparison, no sweep parent
+        runs = runs[runs[f"tags.{KIND_TAG}"].fillna("") == ""]
     return runs.reset_index(drop=True)
 
 
@@ -526,15 +609,25 @@ def download_artifact(run_id: str, artifact_path: str, destination: Path) -> Pat
     return Path(local)
 
 
-def log_comparison(experiment: str, files: list[Path], compared: list[str]) -> str:
-    """A FINISHED run named "comparison" with ``files`` under ``comparison/``; returns its id."""
+def log_comparison(
+    experiment: str, files: list[Path], compared: list[str], parent: str | None = None
+) -> str:
+    """Log ``files`` under ``comparison/`` and finish the run: into the sweep's parent run when
+    the compared runs are one sweep's children (``parent``), else into a new run named
+    "comparison"; returns its id."""
+    from mlflow.entities import RunTag
+
     client, experiment_id = connect(experiment)
     tags = {
-        KIND_TAG: "comparison",
         "vaelab.compared_runs": ",".join(compared)[:5000],
         "mlflow.note.content": f"{len(compared)} runs compared by python -m vaelab.compare.",
     }
-    run_id = client.create_run(experiment_id, run_name="comparison", tags=tags).info.run_id
+    if parent is not None:
+        run_id = parent
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    else:
+        tags[KIND_TAG] = "comparison"
+        run_id = client.create_run(experiment_id, run_name="comparison", tags=tags).info.run_id
     try:
         for path in files:
             client.log_artifact(run_id, str(path), artifact_path="comparison")
@@ -543,6 +636,42 @@ def log_comparison(experiment: str, files: list[Path], compared: list[str]) -> s
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def start_sweep(experiment: str, label: str, swept: dict[str, str]) -> str:
+    """The parent run of sweep ``label`` (run name = label; params: the swept keys and values):
+    every run whose ``mlflow.sweep`` is ``label`` becomes its child (``mlflow.parentRunId``), so
+    the UI shows the sweep as one row; ``compare`` finishes it with the report. The existing
+    parent of that label, if there is one."""
+    from mlflow.entities import Param
+
+    client, experiment_id = connect(experiment)
+    found = sweep_parent(client, experiment_id, label)
+    if found:
+        return found
+    tags = {
+        KIND_TAG: "sweep",
+        "sweep": label,
+        "mlflow.note.content": f"Sweep over {', '.join(swept)}: its runs are the children.",
+    }
+    run_id = client.create_run(experiment_id, run_name=label, tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(f"sweep.{k}", v) for k, v in swept.items()])
+    return run_id
+
+
+def _parent_tag(client, experiment_id: str, label: str) -> dict[str, str]:
+    """``mlflow.parentRunId`` of a run of sweep ``label``, when the sweep has a parent run."""
+    parent = sweep_parent(client, experiment_id, label)
+    return {"mlflow.parentRunId": parent} if parent else {}
+
+
+def sweep_parent(client, experiment_id: str, label: str) -> str | None:
+    """The id of sweep ``label``'s parent run, if one was started."""
+    if not label:
+        return None
+    query = f"tags.`{KIND_TAG}` = 'sweep' and tags.sweep = '{label}'"
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    return found[0].info.run_id if found else None
 
 
 def ui_main(argv: list[str] | None = None) -> None:
@@ -576,6 +705,161 @@ def ui_main(argv: list[str] | None = None) -> None:
         str(args.port),
     ]
     os.execv(sys.executable, cmd)
+
+
+# --- The model registry (python -m vaelab.register) ----------------------------------------------
+# Built on find_runs and the model tag log_model sets; nothing above depends on it.
+
+RANK_METRIC = "eval/test_iw/nll"  # nats per image, lower is better; vaelab.compare's default too
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Where ``alias`` of the registered model ``name`` points after ``register_best``."""
+
+    name: str
+    alias: str
+    version: str
+    run_id: str
+    metric: str
+    value: float
+    new_version: bool  # a version was created for the run's model (else an existing one is used)
+    previous: str | None  # the version the alias pointed at before; == version: nothing changed
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}"
+
+
+def best_run(runs, metric: str = RANK_METRIC, descending: bool = False):
+    """The row of ``runs`` (``find_runs``' DataFrame, oldest first) with the lowest ``metric``,
+    the highest with ``descending``; the oldest of equals, so the choice does not flip-flop.
+    Runs without the metric are not ranked."""
+    column = f"metrics.{metric}"
+    ranked = runs[runs[column].notna()] if column in runs.columns else runs.iloc[:0]
+    if ranked.empty:
+        available = sorted(
+            c.removeprefix("metrics.")
+            for c in runs.columns
+            if c.startswith("metrics.") and runs[c].notna().any()
+        )
+        raise VaelabError(
+            f"no FINISHED run has the metric '{metric}'; choose --metric from: "
+            f"{', '.join(available) or 'none'}."
+        )
+    return ranked.sort_values(column, ascending=not descending, kind="stable").iloc[0]
+
+
+def _has_model(row) -> bool:
+    model_uri = row.get(f"tags.{MODEL_TAG}")
+    return isinstance(model_uri, str) and model_uri.startswith("models:/")
+
+
+def register_best(
+    experiment: str,
+    *,
+    metric: str = RANK_METRIC,
+    descending: bool = False,
+    filter_string: str = "",
+    name: str = "vaelab-vae",
+    alias: str = "champion",
+) -> Registration:
+    """Point ``alias`` of the registered model ``name`` at the MLflow model of the best FINISHED
+    training run of ``experiment`` (``best_run``), registering that model as a new version unless
+    a version of ``name`` already holds it: registering again without a better run creates
+    nothing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    runs = find_runs(experiment, filter_string)
+    if runs.empty:
+        where = f" matching {filter_string!r}" if filter_string else ""
+        raise VaelabError(
+            f"no FINISHED training run in experiment '{experiment}'{where} to register; run "
+            "`make repro` (or `dvc repro`) first, or change --filter."
+        )
+    best = best_run(runs, metric, descending)
+    tag = f"tags.{MODEL_TAG}"
+    modelled = runs[runs[tag].fillna("").str.startswith("models:/")] if tag in runs else runs[:0]
+    if not _has_model(best) and not modelled.empty:
+        # The same result recorded again with its model (a run from before models were logged
+        # ties with it on the metric and is older): take that one.
+        candidate = best_run(modelled, metric, descending)
+        if candidate[f"metrics.{metric}"] == best[f"metrics.{metric}"]:
+            best = candidate
+    run_id, value = str(best["run_id"]), float(best[f"metrics.{metric}"])
+    model_uri = best.get(tag)
+    if not _has_model(best):
+        raise VaelabError(
+            f"the best run {run_id} ({metric} = {value:g}) has no logged MLflow model (no tag "
+            f"{MODEL_TAG}): it was recorded before models were logged. Run `dvc repro` (or "
+            "`dvc exp apply` its experiment, then `dvc repro`) to record it again with its model, "
+            f"or leave such runs out with --filter \"tags.`{MODEL_TAG}` LIKE 'models:/%'\"."
+        )
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)  # mlflow.register_model uses the fluent API's store
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        previous = _aliased_version(client, name, alias)
+        if previous is not None and _holds(previous, model_uri):
+            same = str(previous.version)
+            return Registration(name, alias, same, run_id, metric, value, False, same)
+        version = _version_holding(client, name, model_uri)
+        new_version = version is None
+        if new_version:
+            version = mlflow.register_model(model_uri, name)
+        client.set_registered_model_alias(name, alias, version.version)
+    except MlflowException as error:
+        invalid = error.error_code == "INVALID_PARAMETER_VALUE"
+        hint = " Choose another --name or --alias." if invalid else ""
+        raise VaelabError(
+            f"cannot register {model_uri} (run {run_id}) as '{name}' with alias '{alias}' in "
+            f"{uri}: {error.message}{hint}"
+        ) from None
+    return Registration(
+        name,
+        alias,
+        str(version.version),
+        run_id,
+        metric,
+        value,
+        new_version,
+        None if previous is None else str(previous.version),
+    )
+
+
+def _aliased_version(client, name: str, alias: str):
+    """The version ``alias`` points at; None when the registered model or the alias is new."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_registered_model(name).aliases.get(alias)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def _holds(version, model_uri: str) -> bool:
+    """Whether the model version was registered from the logged model ``models:/<model id>``.
+    MLflow 3.17's SQL registry leaves ``version.model_id`` None; ``source`` keeps the URI."""
+    return version.source == model_uri or f"models:/{version.model_id}" == model_uri
+
+
+def _version_holding(client, name: str, model_uri: str):
+    """The newest version of ``name`` registered from the logged model ``model_uri``, or None
+    (the alias may have been moved away from it by hand since)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+    holding = [v for v in versions if _holds(v, model_uri)]
+    return max(holding, key=lambda v: int(v.version), default=None)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,12 @@ def train_and_record(
                 stop_requested=stop.is_set,
                 world=world,
             )
-            write_outputs(args, model, rows, run.run_id, params.mlflow.experiment)
+            info = {
+                "run_id": run.run_id,
+                "experiment": params.mlflow.experiment,
+                "tags": tracking.training_tags(device, world.size),
+            }
+            write_outputs(args, model, rows, info)
     except KeyboardInterrupt:
         how = "resume from the last complete epoch"
         if checkpoint is None:
@@ -153,14 +158,12 @@ def train_and_record(
     print(f"train: model -> {args.model}, MLflow run {run.run_id}")
 
 
-def write_outputs(
-    args: argparse.Namespace, model: VAE, rows: list[dict], run_id: str, experiment: str
-) -> None:
+def write_outputs(args: argparse.Namespace, model: VAE, rows: list[dict], info: dict) -> None:
     """The stage's outputs: the history (also when a resume had no epoch left to run), the model
-    and the run info that ``record`` reads."""
+    and the run info that ``record`` reads (the run, and where training ran: a clone that pulls
+    this experiment has no access to the train run)."""
     history.write(args.history, rows)
     save(model, args.model)
-    info = {"run_id": run_id, "experiment": experiment}
     atomic_write_bytes(args.run_info, (json.dumps(info, indent=2) + "\n").encode())
 
 

@@ -1,0 +1,55 @@
+"""Register the MLflow model of the best FINISHED training run: ``python -m vaelab.register``
+(``make register``).
+
+The run with the lowest ``--metric`` (default ``eval/test_iw/nll``; the highest with
+``--descending``) among the experiment's FINISHED training runs (``--filter``: MLflow's search
+syntax) has its logged model (the run's tag ``vaelab.model_uri``) registered as a version of the
+registered model ``--name`` (default ``vaelab-vae``), and the alias ``--alias`` (default
+``champion``) is pointed at it, so ``models:/vaelab-vae@champion`` always loads the best model.
+When the alias already points at that model nothing is registered; when another version holds it
+(the alias was moved by hand), the alias goes back to that version instead of a duplicate.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vaelab import params as params_mod
+from vaelab import tracking
+from vaelab.errors import run_stage
+
+
+def describe(done: tracking.Registration) -> str:
+    """One line: the URI, the version, the run and its metric, and what changed."""
+    run = f"run {done.run_id}, {done.metric} = {done.value:g}"
+    if done.previous == done.version:
+        return f"{done.uri} is already version {done.version} ({run}): nothing to register"
+    how = "a new version" if done.new_version else "an existing version of this model"
+    was = f", was version {done.previous}" if done.previous else ""
+    return f"{done.uri} -> version {done.version}, {how} ({run}{was})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, required=True, help="for mlflow.experiment")
+    parser.add_argument("--metric", default=tracking.RANK_METRIC, help="rank by this metric")
+    parser.add_argument("--descending", action="store_true", help="higher is better")
+    parser.add_argument("--filter", default="", help="MLflow filter, e.g. \"tags.sweep = 'x'\"")
+    parser.add_argument("--name", default="vaelab-vae", help="the registered model")
+    parser.add_argument("--alias", default="champion", help="the alias to point at the best")
+    args = parser.parse_args(argv)
+    experiment = params_mod.load(args.params).mlflow.experiment
+    done = tracking.register_best(
+        experiment,
+        metric=args.metric,
+        descending=args.descending,
+        filter_string=args.filter,
+        name=args.name,
+        alias=args.alias,
+    )
+    print(f"register: {describe(done)}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
