@@ -140,3 +140,18 @@ def test_make_ui_serves_the_local_store_when_the_uri_is_a_server(tmp_path, monke
     (argv,) = executed
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert "tracking server http://127.0.0.1:5999" in capsys.readouterr().out
+
+
+def test_make_ui_links_the_experiment_s_runs_in_the_model_training_view(tmp_path, tiny_params):
+    """The UI opens in its GenAI view; the link `make ui` prints opens the experiment's runs
+    with workflowType=machine_learning (read from the page's address by the UI's bundle)."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    assert tracking.ui_link("http://127.0.0.1:5000", uri, "vaelab") == (
+        "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")  # fmt: skip
+    assert not (tmp_path / "store.db").exists(), "printing a link creates no store"
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(tracking_uri=uri).create_experiment("vaelab")
+    assert tracking.ui_link("http://127.0.0.1:5000", uri, "vaelab") == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+        "?workflowType=machine_learning")  # fmt: skip

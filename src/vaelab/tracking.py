@@ -674,6 +674,19 @@ def sweep_parent(client, experiment_id: str, label: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def ui_link(base: str, uri: str, experiment: str) -> str:
+    """The UI page of ``experiment``'s runs in MLflow's "Model training" view (the UI opens in
+    its GenAI view otherwise; it reads ``workflowType`` from the address of the page)."""
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()
+    found = None
+    if _sqlite_path(uri) is None or _sqlite_path(uri).exists():  # never create a store here
+        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    page = f"#/experiments/{found.experiment_id}/runs" if found else "#/experiments"
+    return f"{base}/{page}?workflowType=machine_learning"
+
+
 def ui_main(argv: list[str] | None = None) -> None:
     """``make ui``: serve the project's store with ``mlflow ui`` on 127.0.0.1."""
     import argparse
@@ -681,6 +694,7 @@ def ui_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MLflow UI on the project's tracking store")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--experiment", default="vaelab", help="the page the link opens")
     args = parser.parse_args(argv)
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -692,6 +706,7 @@ def ui_main(argv: list[str] | None = None) -> None:
         )
         uri = f"sqlite:///{project_root() / DEFAULT_STORE}"
     print(f"MLflow UI for {uri} on http://{args.host}:{args.port}", flush=True)
+    print(f"open: {ui_link(f'http://{args.host}:{args.port}', uri, args.experiment)}", flush=True)
     cmd = [
         sys.executable,
         "-m",
