@@ -1,0 +1,74 @@
+"""A recorded run's MLflow model served by MLflow's own scoring server (`mlflow models serve
+--env-manager local`) answers /invocations with the latent means vaelab computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests import test_tracking
+from tests.test_tracking import CHECKSUMS, HISTORY, _outputs, _train_run
+from tests.tracking_server import free_port
+from vaelab import tracking
+from vaelab.model import load
+
+SERVE_TIMEOUT_S = 180
+store = test_tracking.store  # the private SQLite store fixture
+
+
+def test_mlflow_models_serve_answers_with_the_latent_means(store, tmp_path, tiny_params):
+    run_id = _train_run(tiny_params)
+    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
+    outputs.history.write_text("epoch\n1\n")
+    tracking.record(tiny_params, outputs, HISTORY)
+    uri = store.get_run(run_id).data.tags[tracking.MODEL_TAG]
+    pixels = np.random.default_rng(1).random((3, 784), dtype=np.float32)
+    mlflow = Path(sys.executable).parent / "mlflow"
+    # The scoring server execs uvicorn from PATH, as in any environment with mlflow installed.
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for _ in range(3):  # a port found free may be taken before the server binds it
+        port = free_port()
+        server = subprocess.Popen(
+            [str(mlflow), "models", "serve", "-m", uri, "--env-manager", "local",
+             "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            answer = _invoke(server, port, {"inputs": pixels.tolist()})
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            log = server.communicate(timeout=30)[0].decode(errors="replace")
+        if answer is not None or "address already in use" not in log.lower():
+            break
+    assert answer is not None, log[-3000:]
+    with torch.inference_mode():
+        expected = load(outputs.model).encode(torch.from_numpy(pixels).view(-1, 1, 28, 28))[0]
+    np.testing.assert_allclose(np.array(answer["predictions"]), expected.numpy(), atol=1e-5)
+
+
+def _invoke(server: subprocess.Popen, port: int, payload: dict) -> dict | None:
+    """POST /invocations once the server answers; None if it exits first."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    deadline = time.monotonic() + SERVE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            return None
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.load(response)
+        except OSError:  # not listening yet
+            time.sleep(0.5)
+    pytest.fail(f"mlflow models serve did not answer in {SERVE_TIMEOUT_S} s")
