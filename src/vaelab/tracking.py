@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -251,6 +251,12 @@ def _metric_batch(values: dict[str, float], step: int, model_id: str | None = No
 class TrainingRun:
     client: object
     run_id: str
+    tags: dict[str, str] = field(default_factory=dict)  # where training ran (training_tags)
+
+    def info(self, experiment: str) -> dict:
+        """What the train stage writes to ``models/mlflow_run.json`` for ``record``: the run and
+        where training ran (a clone that pulls the experiment cannot reach this run)."""
+        return {"run_id": self.run_id, "experiment": experiment, "tags": self.tags}
 
     def log_epoch(self, row: dict[str, float]) -> None:
         """The row's measurements as metrics at step = epoch; its counts as tags."""
@@ -326,7 +332,7 @@ def training_run(
             flat = flatten(params)
             client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()])
         logged = {m.step for m in client.get_metric_history(run_id, HISTORY_METRICS[0])}
-        run = TrainingRun(client, run_id)
+        run = TrainingRun(client, run_id, training_tags(device, world_size))
         for row in history:
             if int(row["epoch"]) not in logged:
                 run.log_epoch(row)
@@ -765,6 +771,19 @@ def best_run(runs, metric: str = RANK_METRIC, descending: bool = False):
     return ranked.sort_values(column, ascending=not descending, kind="stable").iloc[0]
 
 
+def _best_with_model(runs, metric: str, descending: bool):
+    """``best_run``; among runs equal on the metric, one with a model: the same result recorded
+    again with its model ties with the older run recorded before models were logged."""
+    best = best_run(runs, metric, descending)
+    tag = f"tags.{MODEL_TAG}"
+    modelled = runs[runs[tag].fillna("").str.startswith("models:/")] if tag in runs else runs[:0]
+    if not _has_model(best) and not modelled.empty:
+        candidate = best_run(modelled, metric, descending)
+        if candidate[f"metrics.{metric}"] == best[f"metrics.{metric}"]:
+            return candidate
+    return best
+
+
 def _has_model(row) -> bool:
     model_uri = row.get(f"tags.{MODEL_TAG}")
     return isinstance(model_uri, str) and model_uri.startswith("models:/")
@@ -793,17 +812,9 @@ def register_best(
             f"no FINISHED training run in experiment '{experiment}'{where} to register; run "
             "`make repro` (or `dvc repro`) first, or change --filter."
         )
-    best = best_run(runs, metric, descending)
-    tag = f"tags.{MODEL_TAG}"
-    modelled = runs[runs[tag].fillna("").str.startswith("models:/")] if tag in runs else runs[:0]
-    if not _has_model(best) and not modelled.empty:
-        # The same result recorded again with its model (a run from before models were logged
-        # ties with it on the metric and is older): take that one.
-        candidate = best_run(modelled, metric, descending)
-        if candidate[f"metrics.{metric}"] == best[f"metrics.{metric}"]:
-            best = candidate
+    best = _best_with_model(runs, metric, descending)
     run_id, value = str(best["run_id"]), float(best[f"metrics.{metric}"])
-    model_uri = best.get(tag)
+    model_uri = best.get(f"tags.{MODEL_TAG}")
     if not _has_model(best):
         raise VaelabError(
             f"the best run {run_id} ({metric} = {value:g}) has no logged MLflow model (no tag "

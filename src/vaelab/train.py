@@ -140,12 +140,7 @@ def train_and_record(
                 stop_requested=stop.is_set,
                 world=world,
             )
-            info = {
-                "run_id": run.run_id,
-                "experiment": params.mlflow.experiment,
-                "tags": tracking.training_tags(device, world.size),
-            }
-            write_outputs(args, model, rows, info)
+            write_outputs(args, model, rows, run.info(params.mlflow.experiment))
     except KeyboardInterrupt:
         how = "resume from the last complete epoch"
         if checkpoint is None:
@@ -160,8 +155,7 @@ def train_and_record(
 
 def write_outputs(args: argparse.Namespace, model: VAE, rows: list[dict], info: dict) -> None:
     """The stage's outputs: the history (also when a resume had no epoch left to run), the model
-    and the run info that ``record`` reads (the run, and where training ran: a clone that pulls
-    this experiment has no access to the train run)."""
+    and the run info that ``record`` reads (``TrainingRun.info``)."""
     history.write(args.history, rows)
     save(model, args.model)
     atomic_write_bytes(args.run_info, (json.dumps(info, indent=2) + "\n").encode())
