@@ -153,10 +153,14 @@ def assert_complete(repo: Path, run_, params_file: Path) -> None:
     assert tags["eval.images.train"] == tags["train.images_per_epoch"] == str(N_TRAIN)
     assert tags["eval.images.test"] == str(N_TEST)
     # Named after the source and split (and the binarisation, where there is one).
-    contexts = {i.dataset.name.split(" (")[0]: {t.key: t.value for t in i.tags}
-                for i in run_.inputs.dataset_inputs}  # fmt: skip
+    contexts = {
+        i.dataset.name.split(" (")[0]: {t.key: t.value for t in i.tags}
+        for i in run_.inputs.dataset_inputs
+    }
     assert {name: tags_["mlflow.data.context"] for name, tags_ in contexts.items()} == {
-        "custom train": "training", "custom test": "evaluation"}  # fmt: skip
+        "custom train": "training",
+        "custom test": "evaluation",
+    }
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"].startswith("src/")
     assert tags["mlflow.source.git.commit"] == tags["git.commit"] and tags["mlflow.user"]
     # Artifacts live in the repository's mlartifacts/, not in a temporary copy.
@@ -326,8 +330,17 @@ def test_a_queued_sweep_is_a_parent_run_with_two_complete_children(tmp_path):
     repo = make_repo(tmp_path / "queue")
     # As make sweep does: the sweep's parent run first, then DVC's grid syntax, one queued
     # experiment per value.
-    sweep = [sys.executable, "-m", "vaelab.sweep", "--params", "params.yaml", "--label", "seeds",
-             "--swept", "train.seed=1,2"]  # fmt: skip
+    sweep = [
+        sys.executable,
+        "-m",
+        "vaelab.sweep",
+        "--params",
+        "params.yaml",
+        "--label",
+        "seeds",
+        "--swept",
+        "train.seed=1,2",
+    ]
     run(repo, *sweep)
     (parent,) = runs(repo)
     assert (parent.info.run_name, parent.data.params) == ("seeds", {"sweep.train.seed": "1,2"})

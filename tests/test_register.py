@@ -142,8 +142,12 @@ def test_the_command_fails_with_one_line_and_exit_status_2(store, tmp_path):
     env = os.environ | {"MLFLOW_TRACKING_URI": store.tracking_uri}
     done = subprocess.run(
         [sys.executable, "-m", "vaelab.register", "--params", str(PARAMS_FILE)],
-        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
         "error: no FINISHED training run in experiment 'vaelab' to register; run `make repro` "

@@ -147,11 +147,12 @@ def test_make_ui_links_the_experiment_s_runs_in_the_model_training_view(tmp_path
     with workflowType=machine_learning (read from the page's address by the UI's bundle)."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     assert tracking.ui_link("http://127.0.0.1:5000", uri, "vaelab") == (
-        "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")  # fmt: skip
+        "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    )
     assert not (tmp_path / "store.db").exists(), "printing a link creates no store"
     from mlflow.tracking import MlflowClient
 
     experiment_id = MlflowClient(tracking_uri=uri).create_experiment("vaelab")
     assert tracking.ui_link("http://127.0.0.1:5000", uri, "vaelab") == (
-        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
-        "?workflowType=machine_learning")  # fmt: skip
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    )

@@ -39,10 +39,24 @@ def test_mlflow_models_serve_answers_with_the_latent_means(store, tmp_path, tiny
     for _ in range(3):  # a port found free may be taken before the server binds it
         port = free_port()
         server = subprocess.Popen(
-            [str(mlflow), "models", "serve", "-m", uri, "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(mlflow),
+                "models",
+                "serve",
+                "-m",
+                uri,
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             answer = _invoke(server, port, {"inputs": pixels.tolist()})
         finally:
@@ -59,9 +73,11 @@ def test_mlflow_models_serve_answers_with_the_latent_means(store, tmp_path, tiny
 def _invoke(server: subprocess.Popen, port: int, payload: dict) -> dict | None:
     """POST /invocations once the server answers; None if it exits first."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"}, method="POST",
-    )  # fmt: skip
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     deadline = time.monotonic() + SERVE_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:

@@ -90,7 +90,10 @@ def assert_recorded(store, run_id: str, params, outputs: tracking.PipelineOutput
     assert "train/images" not in run.data.metrics
     tags = run.data.tags
     assert (tags["eval.epochs"], tags["eval.images.train"], tags["eval.images.test"]) == (
-        "2", "60", "10")  # fmt: skip
+        "2",
+        "60",
+        "10",
+    )
     assert tags["train.images_per_epoch"] == str(int(HISTORY[-1]["train/images"]))
     contexts = {i.dataset.name: i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == {"custom train": "training", "custom test": "evaluation"}
@@ -235,8 +238,10 @@ def test_the_logged_model_predicts_latent_means_without_vaelab(store, tmp_path, 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_VAELAB, uri, "5", str(PROJECT / "src")],
-        env=env, capture_output=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     import io
 
@@ -249,9 +254,17 @@ def test_the_logged_model_predicts_latent_means_without_vaelab(store, tmp_path, 
 
 
 def test_dataset_digests_follow_the_bytes_and_names_the_binarisation():
-    files = {name: {"md5": f"{i}" * 32, "bytes": 16 + 784 * 5} for i, name in
-             enumerate(("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))}  # fmt: skip
+    files = {
+        name: {"md5": f"{i}" * 32, "bytes": 16 + 784 * 5}
+        for i, name in enumerate(
+            (
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            )
+        )
+    }
     checksums = {"source": "mnist", "files": files}
 
     def by_name(checksums, binarize="none"):
@@ -268,4 +281,6 @@ def test_dataset_digests_follow_the_bytes_and_names_the_binarisation():
     assert other["mnist test"].digest != first["mnist test"].digest  # other bytes, other digest
     assert other["mnist train"].digest == first["mnist train"].digest
     assert set(by_name(checksums, "dynamic")) == {
-        "mnist train (dynamic binarisation)", "mnist test (binarised, fixed seed)"}  # fmt: skip
+        "mnist train (dynamic binarisation)",
+        "mnist test (binarised, fixed seed)",
+    }
