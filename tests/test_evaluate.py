@@ -181,6 +181,19 @@ def _direct_terms(vae: m.VAE, images: torch.Tensor) -> tuple[torch.Tensor, torch
     return recon, kl
 
 
+def evaluate(vae, params, train, test, last) -> dict:
+    """``ev.evaluate`` on (images, labels) pairs, with a one-row history ``last``."""
+    return ev.evaluate(
+        vae,
+        params,
+        train_images=train[0],
+        test_images=test[0],
+        history=[last],
+        train_labels=train[1],
+        test_labels=test[1],
+    )
+
+
 def test_evaluate_reports_each_set_s_own_values(tiny_params):
     """evaluate()'s numbers against a direct computation: the test ELBO from the test images,
     the training ELBO from the training images, per-digit means by label, the IW bound's ELBO in
@@ -193,15 +206,7 @@ def test_evaluate_reports_each_set_s_own_values(tiny_params):
     train_labels, test_labels = torch.arange(50) % 10, torch.arange(30) % 3
     last = {"epoch": 2, "train/neg_elbo": 9.0, "train/recon": 5.0, "train/kl": 4.0}
 
-    metrics = ev.evaluate(
-        vae,
-        tiny_params,
-        train_images=train,
-        test_images=test,
-        history=[last],
-        train_labels=train_labels,
-        test_labels=test_labels,
-    )
+    metrics = evaluate(vae, tiny_params, (train, train_labels), (test, test_labels), last)
 
     for split, images in (("test", test), ("train", train)):
         recon, kl = _direct_terms(vae, images)
@@ -254,15 +259,7 @@ def test_evaluate_shares_the_test_set_s_terms_among_its_metrics(tiny_params):
     train_labels, test_labels = torch.arange(40) % 10, torch.arange(36) % 4
     last = {"epoch": 1, "train/neg_elbo": 9.0, "train/recon": 5.0, "train/kl": 4.0}
 
-    metrics = ev.evaluate(
-        vae,
-        tiny_params,
-        train_images=train,
-        test_images=test,
-        history=[last],
-        train_labels=train_labels,
-        test_labels=test_labels,
-    )
+    metrics = evaluate(vae, tiny_params, (train, train_labels), (test, test_labels), last)
 
     seed = tiny_params.evaluate.seed
     own = m.per_image_terms(vae, test, "gaussian", ev.metric_generator(seed, "test", "cpu"))

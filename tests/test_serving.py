@@ -17,9 +17,7 @@ import pytest
 import torch
 
 from tests import test_tracking
-from tests.test_tracking import CHECKSUMS, HISTORY, _outputs, _train_run
 from tests.tracking_server import free_port
-from vaelab import tracking
 from vaelab.model import load
 
 SERVE_TIMEOUT_S = 180
@@ -27,11 +25,7 @@ store = test_tracking.store  # the private SQLite store fixture
 
 
 def test_mlflow_models_serve_answers_with_the_latent_means(store, tmp_path, tiny_params):
-    run_id = _train_run(tiny_params)
-    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
-    outputs.history.write_text("epoch\n1\n")
-    tracking.record(tiny_params, outputs, HISTORY)
-    uri = store.get_run(run_id).data.tags[tracking.MODEL_TAG]
+    outputs, uri = test_tracking.recorded_model(store, tmp_path, tiny_params)
     pixels = np.random.default_rng(1).random((3, 784), dtype=np.float32)
     mlflow = Path(sys.executable).parent / "mlflow"
     # The scoring server execs uvicorn from PATH, as in any environment with mlflow installed.

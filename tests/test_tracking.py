@@ -229,12 +229,17 @@ assert not vaelab.__file__.startswith(sys.argv[3]), vaelab.__file__
 """
 
 
-def test_the_logged_model_predicts_latent_means_without_vaelab(store, tmp_path, tiny_params):
-    run_id = _train_run(tiny_params)
-    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
+def recorded_model(store, tmp_path, params) -> tuple[tracking.PipelineOutputs, str]:
+    """A complete run recorded from fake outputs with a real tiny model: (outputs, model URI)."""
+    run_id = _train_run(params)
+    outputs = _outputs(tmp_path, params, CHECKSUMS, run_id)
     outputs.history.write_text("epoch\n1\n")
-    tracking.record(tiny_params, outputs, HISTORY)
-    uri = store.get_run(run_id).data.tags[tracking.MODEL_TAG]
+    tracking.record(params, outputs, HISTORY)
+    return outputs, store.get_run(run_id).data.tags[tracking.MODEL_TAG]
+
+
+def test_the_logged_model_predicts_latent_means_without_vaelab(store, tmp_path, tiny_params):
+    outputs, uri = recorded_model(store, tmp_path, tiny_params)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_VAELAB, uri, "5", str(PROJECT / "src")],
