@@ -413,7 +413,8 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
     from mlflow.entities import RunTag
 
     flat = {k: str(v) for k, v in flatten(params).items()}
-    train_run_id = json.loads(outputs.run_info.read_text())["run_id"]
+    run_info = json.loads(outputs.run_info.read_text())  # TrainingRun.info
+    train_run_id = run_info["run_id"]
     fingerprint = _fingerprint(flat, train_run_id, outputs, history)
     exp_name = os.environ.get("DVC_EXP_NAME") or None
 
@@ -443,10 +444,11 @@ def record(params: Params, outputs: PipelineOutputs, history: list[dict]) -> str
             client,
             experiment_id,
             params=params,
+            flat_params=flat,
             outputs=outputs,
             history=history,
             source=source,
-            train_run_id=train_run_id,
+            run_info=run_info,
         )
         how = f"rebuilt from DVC outputs (train run {train_run_id})"
     _upload(client, run_id, outputs, history)
@@ -461,10 +463,11 @@ def _rebuild(
     experiment_id: str,
     *,
     params: Params,
+    flat_params: dict[str, str],
     outputs: PipelineOutputs,
     history: list[dict],
     source,
-    train_run_id: str,
+    run_info: dict,
 ) -> str:
     """A new run with every param and epoch, rebuilt from the DVC outputs: train did not run this
     time (DVC cache), or its run holds other params (only an evaluate/plot param changed;
@@ -473,8 +476,8 @@ def _rebuild(
 
     # Where training ran: from the train run, else (another store: a pulled DVC experiment)
     # from the run info the train stage wrote beside the model.
-    written = json.loads(outputs.run_info.read_text()).get("tags", {})
-    carried = {k: v for k, v in written.items() if k in TRAINING_TAGS}
+    train_run_id = run_info["run_id"]
+    carried = {k: v for k, v in run_info.get("tags", {}).items() if k in TRAINING_TAGS}
     if source is not None:
         carried |= {k: source.data.tags[k] for k in TRAINING_TAGS if k in source.data.tags}
     checksums = json.loads(outputs.checksums.read_text())
@@ -484,8 +487,7 @@ def _rebuild(
     exp_name = os.environ.get("DVC_EXP_NAME") or None
     run_id = client.create_run(experiment_id, run_name=exp_name, tags=tags).info.run_id
     client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
-    flat = {k: str(v) for k, v in flatten(params).items()}
-    client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
+    client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params.items()])
     rebuilt = TrainingRun(client, run_id)
     for row in history:
         rebuilt.log_epoch(row)

@@ -178,7 +178,7 @@ class EpochPlan:
     ) -> EpochPlan:
         images = training_images(images, params.data.binarize).to(device)
         size = params.train.batch_size
-        last_size = len(images) - (math.ceil(len(images) / size) - 1) * size
+        last_size = len(images) % size or size
         # See make_train_step: B_global / world (on one process, B: the batch mean).
         divisors = (
             torch.tensor(size / world.size, device=device),
