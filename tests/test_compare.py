@@ -13,7 +13,8 @@ from vaelab.errors import VaelabError
 
 matplotlib.use("Agg")
 
-# latent_dims -> final test/neg_elbo and IW-NLL; the IW-NLL order differs from the insert order.
+# latent_dims -> final epoch/test/neg_elbo and IW-NLL; the IW-NLL order differs from the insert
+# order.
 RUNS = {2: (30.0, 29.0), 5: (25.0, 24.0), 10: (26.0, 24.5)}
 
 
@@ -37,9 +38,9 @@ def store(tmp_path, monkeypatch):
         ]
         for epoch in (1, 2):
             metrics += [
-                Metric("test/neg_elbo", neg_elbo + 2 - epoch, 0, epoch),
-                Metric("train/neg_elbo", neg_elbo + 3 - epoch, 0, epoch),
-                Metric("train/loss", neg_elbo + 2.5 - epoch, 0, epoch),
+                Metric("epoch/test/neg_elbo", neg_elbo + 2 - epoch, 0, epoch),
+                Metric("epoch/train/neg_elbo", neg_elbo + 3 - epoch, 0, epoch),
+                Metric("epoch/train/loss", neg_elbo + 2.5 - epoch, 0, epoch),
                 Metric("epoch_seconds", 1.0 + epoch, 0, epoch),
             ]
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], metrics=metrics)
@@ -59,7 +60,7 @@ def test_table_figures_and_comparison_run(store):
     assert "model.latent_dims" in header and "train.lr" not in header
     rows = list(csv.DictReader((store / "reports" / "comparison.csv").open()))
     assert [r["run"] for r in rows] == ["z5", "z10", "z2"]  # by eval/test_iw/nll, ascending
-    assert [float(r["test/neg_elbo"]) for r in rows] == [25.0, 26.0, 30.0]  # the last epoch
+    assert [float(r["epoch/test/neg_elbo"]) for r in rows] == [25.0, 26.0, 30.0]  # the last epoch
     assert [float(r["epoch_seconds"]) for r in rows] == [2.5, 2.5, 2.5]  # median of 2 and 3
     assert {r["commit"] for r in rows} == {"abcdef1"}
     names = {p.name for p in files}
@@ -102,10 +103,10 @@ def test_run_ids_descending_and_errors(store):
     assert sorted(r["run_id"] for r in rows) == sorted(ids)
     assert float(rows[0]["eval/latent/active_units"]) >= float(rows[1]["eval/latent/active_units"])
     # A metric outside the table's usual columns ranks too, and is shown.
-    compare.compare("vaelab", report, store / "f", metric="train/loss", log=False)
+    compare.compare("vaelab", report, store / "f", metric="epoch/train/loss", log=False)
     rows = list(csv.DictReader(report.with_suffix(".csv").open()))
     assert [r["run"] for r in rows] == ["z5", "z10", "z2"]
-    assert [float(r["train/loss"]) for r in rows] == [25.5, 26.5, 30.5]
+    assert [float(r["epoch/train/loss"]) for r in rows] == [25.5, 26.5, 30.5]
     with pytest.raises(
         VaelabError, match="no selected run has the metric 'nll'.*eval/test_iw/nll"
     ):

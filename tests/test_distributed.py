@@ -54,8 +54,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist):
         read_history(results[2] / "history.csv"),
     )
     for row_one, row_two in zip(history_one, history_two, strict=True):
-        assert row_two["train/images"] == N_TRAIN  # both ranks together: the whole data set
-        assert row_two["train/neg_elbo"] == pytest.approx(row_one["train/neg_elbo"], rel=1e-4)
+        assert row_two["epoch/train/images"] == N_TRAIN  # both ranks together: the whole data set
+        assert row_two["epoch/train/neg_elbo"] == pytest.approx(
+            row_one["epoch/train/neg_elbo"], rel=1e-4
+        )
     store = client(results[2] / "mlflow.db")
     (run,) = store.search_runs([store.get_experiment_by_name("vaelab").experiment_id])
     assert run.data.tags["world_size"] == "2" and run.data.params["train.nproc"] == "2"

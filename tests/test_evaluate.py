@@ -204,7 +204,12 @@ def test_evaluate_reports_each_set_s_own_values(tiny_params):
     # A different distribution (mostly dark): its ELBO differs clearly from the training set's.
     test = (torch.rand(30, 28, 28, generator=g).pow(4) * 255).to(torch.uint8)
     train_labels, test_labels = torch.arange(50) % 10, torch.arange(30) % 3
-    last = {"epoch": 2, "train/neg_elbo": 9.0, "train/recon": 5.0, "train/kl": 4.0}
+    last = {
+        "epoch": 2,
+        "epoch/train/neg_elbo": 9.0,
+        "epoch/train/recon": 5.0,
+        "epoch/train/kl": 4.0,
+    }
 
     metrics = evaluate(vae, tiny_params, (train, train_labels), (test, test_labels), last)
 
@@ -257,7 +262,12 @@ def test_evaluate_shares_the_test_set_s_terms_among_its_metrics(tiny_params):
     train = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8, generator=g)
     test = torch.randint(0, 256, (36, 28, 28), dtype=torch.uint8, generator=g)
     train_labels, test_labels = torch.arange(40) % 10, torch.arange(36) % 4
-    last = {"epoch": 1, "train/neg_elbo": 9.0, "train/recon": 5.0, "train/kl": 4.0}
+    last = {
+        "epoch": 1,
+        "epoch/train/neg_elbo": 9.0,
+        "epoch/train/recon": 5.0,
+        "epoch/train/kl": 4.0,
+    }
 
     metrics = evaluate(vae, tiny_params, (train, train_labels), (test, test_labels), last)
 

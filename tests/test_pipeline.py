@@ -148,7 +148,7 @@ def assert_complete(repo: Path, run_, params_file: Path) -> None:
     # source tags fill the UI's Source column.
     assert (
         not set(tracking.COUNTS) & set(run_.data.metrics)
-        and "train/images" not in run_.data.metrics
+        and "epoch/train/images" not in run_.data.metrics
     )
     assert tags["eval.images.train"] == tags["train.images_per_epoch"] == str(N_TRAIN)
     assert tags["eval.images.test"] == str(N_TEST)

@@ -87,14 +87,14 @@ def assert_recorded(store, run_id: str, params, outputs: tracking.PipelineOutput
     assert run.data.metrics["eval/test/neg_elbo"] == 21.5
     # Counts are tags, not metrics.
     assert "eval/epochs" not in run.data.metrics and "eval/images/train" not in run.data.metrics
-    assert "train/images" not in run.data.metrics
+    assert "epoch/train/images" not in run.data.metrics
     tags = run.data.tags
     assert (tags["eval.epochs"], tags["eval.images.train"], tags["eval.images.test"]) == (
         "2",
         "60",
         "10",
     )
-    assert tags["train.images_per_epoch"] == str(int(HISTORY[-1]["train/images"]))
+    assert tags["train.images_per_epoch"] == str(int(HISTORY[-1]["epoch/train/images"]))
     contexts = {i.dataset.name: i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == {"custom train": "training", "custom test": "evaluation"}
     figures = {a.path for a in store.list_artifacts(run_id, "figures")}

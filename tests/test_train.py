@@ -37,7 +37,7 @@ def test_seeded_cpu_runs_are_bit_identical(tiny_params, fake_data_dir):
         assert torch.equal(value, model_b.state_dict()[key]), key
     other = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, seed=1))
     _, history_c = _train(other, fake_data_dir)
-    assert history_c[-1]["train/neg_elbo"] != history_a[-1]["train/neg_elbo"]
+    assert history_c[-1]["epoch/train/neg_elbo"] != history_a[-1]["epoch/train/neg_elbo"]
 
 
 def test_history_has_one_row_per_epoch_and_the_loss_falls(tiny_params, fake_data_dir):
@@ -47,9 +47,9 @@ def test_history_has_one_row_per_epoch_and_the_loss_falls(tiny_params, fake_data
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     assert all(set(row) == set(HISTORY_COLUMNS) for row in history)
     for row in history:
-        assert row["train/neg_elbo"] == pytest.approx(row["train/recon"] + row["train/kl"])
-        assert row["train/loss"] == pytest.approx(row["train/neg_elbo"])  # beta = 1
-    assert history[-1]["test/neg_elbo"] < 0.8 * history[0]["test/neg_elbo"]
+        assert row["epoch/train/neg_elbo"] == pytest.approx(row["epoch/train/recon"] + row["epoch/train/kl"])
+        assert row["epoch/train/loss"] == pytest.approx(row["epoch/train/neg_elbo"])  # beta = 1
+    assert history[-1]["epoch/test/neg_elbo"] < 0.8 * history[0]["epoch/test/neg_elbo"]
 
 
 def test_beta_weights_only_the_kl_in_the_objective(tiny_params, fake_data_dir):
@@ -57,7 +57,7 @@ def test_beta_weights_only_the_kl_in_the_objective(tiny_params, fake_data_dir):
     params = dataclasses.replace(tiny_params, loss=weighted)
     _, history = _train(params, fake_data_dir)
     row = history[0]
-    assert row["train/loss"] == pytest.approx(row["train/recon"] + 0.25 * row["train/kl"])
+    assert row["epoch/train/loss"] == pytest.approx(row["epoch/train/recon"] + 0.25 * row["epoch/train/kl"])
 
 
 def test_batch_larger_than_the_data_set_is_refused(tiny_params, fake_data_dir):
@@ -120,7 +120,7 @@ def test_compiled_step_trains_like_the_eager_one(tiny_params, fake_data_dir, mon
     _, eager_history = _train(eager, fake_data_dir)
     _, compiled_history = _train(compiled, fake_data_dir)
     # Same seed, same noise, same maths; only kernel fusion and summation order differ.
-    for key in ("train/neg_elbo", "test/neg_elbo"):
+    for key in ("epoch/train/neg_elbo", "epoch/test/neg_elbo"):
         assert compiled_history[0][key] == pytest.approx(eager_history[0][key], rel=1e-4), key
 
 
@@ -182,8 +182,8 @@ def test_kl_warmup_weights_the_kl_below_beta_while_it_lasts(tiny_params, fake_da
     warm = dataclasses.replace(tiny_params.train, epochs=3, kl_warmup_epochs=2)
     _, history = _train(dataclasses.replace(tiny_params, train=warm), fake_data_dir)
     first, last = history[0], history[-1]
-    assert first["train/recon"] < first["train/loss"] < first["train/neg_elbo"]
-    assert last["train/loss"] == pytest.approx(last["train/neg_elbo"])
+    assert first["epoch/train/recon"] < first["epoch/train/loss"] < first["epoch/train/neg_elbo"]
+    assert last["epoch/train/loss"] == pytest.approx(last["epoch/train/neg_elbo"])
 
 
 def test_dynamic_binarization_changes_between_epochs_and_the_test_set_does_not(

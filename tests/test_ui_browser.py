@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import urllib.parse
 from pathlib import Path
@@ -131,7 +132,9 @@ def test_runs_and_their_comparison_render_in_chromium(filled_server, tmp_path: P
     names = [r["info"]["run_name"] for r in runs]
     ids = [r["info"]["run_id"] for r in runs]
     for run_id, params_file in zip(ids, filled_server.params_files, strict=True):
-        history = server.get("metrics/get-history", run_id=run_id, metric_key="test/neg_elbo")
+        history = server.get(
+            "metrics/get-history", run_id=run_id, metric_key="epoch/test/neg_elbo"
+        )
         assert len(history["metrics"]) == params_mod.load(params_file).train.epochs
 
     expect = sync_api.expect
@@ -179,7 +182,7 @@ def test_runs_and_their_comparison_render_in_chromium(filled_server, tmp_path: P
                 expect(page.get_by_text("model.latent_dims", exact=True)).to_be_visible()
                 # Metrics with each run's value: a per-epoch one far down the grid (the same for
                 # both runs: one training) and an evaluation one that the seed changes.
-                for metric in ("test/neg_elbo", "eval/test/neg_elbo"):
+                for metric in ("epoch/test/neg_elbo", "eval/test/neg_elbo"):
                     shown = [float(text) for text in metric_values(page, metric)]
                     latest = [latest_metric(run, metric) for run in runs]
                     assert shown == pytest.approx(latest, rel=2e-3), (metric, shown, latest)
@@ -190,3 +193,101 @@ def test_runs_and_their_comparison_render_in_chromium(filled_server, tmp_path: P
         finally:
             browser.close()
     assert all(path.stat().st_size > 10_000 for path in screenshots), screenshots
+
+
+def first_chart_sections(page, count: int) -> list[str]:  # a playwright Page
+    """The names of the first ``count`` chart sections, top to bottom, once they are drawn
+    (each section header is its name followed by its chart count, e.g. "epoch/test" "(3)")."""
+    pattern = re.compile(r"^[\w./]+$")
+    headers = page.get_by_role("button", name="Add chart")
+    expect = sync_api.expect
+    expect(headers.nth(count - 1)).to_be_visible()
+    sections = page.evaluate(
+        """() => Array.from(document.querySelectorAll('*'))
+            .filter(e => e.children.length === 0)
+            .filter(e => /^\\(\\d+\\)$/.test((e.textContent || '').trim()))
+            .map(e => (e.parentElement.innerText || '').split('\\n')[0].trim())"""
+    )
+    names = [name for name in sections if pattern.match(name)]
+    return names[:count]
+
+
+def test_the_make_ui_link_opens_runs_with_models_datasets_and_curves_first(
+    filled_server, tmp_path: Path
+):
+    """The link `make ui` prints (tracking.ui_link) opens the runs table in the Model training
+    view with each run's datasets and logged model in the Dataset and Models columns; a run's
+    Model metrics tab and the runs' chart view then start with the per-epoch curves (their
+    `epoch/...` names sort first, docs/tracking.md)."""
+    from vaelab import tracking
+
+    server, runs = filled_server.server, filled_server.runs
+    experiment = server.get("experiments/get", experiment_id=filled_server.experiment_id)
+    link = tracking.ui_link(server.url, server.url, experiment["experiment"]["name"])
+    assert link.endswith("/runs?workflowType=machine_learning"), link
+    # What the columns must show, through REST: each run's datasets and its logged model.
+    datasets = sorted(
+        f"{d['dataset']['name']} ({d['dataset']['digest']})"
+        for run in runs
+        for d in run["inputs"]["dataset_inputs"]
+    )
+    assert len(datasets) == 4, datasets  # training and evaluation sets of two runs
+    model_names = [
+        server.get("logged-models/" + run["outputs"]["model_outputs"][0]["model_id"])["model"][
+            "info"
+        ]["name"]
+        for run in runs
+    ]
+    expect = sync_api.expect
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(link)
+            try:
+                for run in runs:
+                    name = run["info"]["run_name"]
+                    expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+                cell = '[role=gridcell][col-id="attributes.`{}`"]'
+                expect(page.locator(cell.format("Models")).first).to_be_visible()
+                shown_models = page.locator(cell.format("Models")).all_inner_texts()
+                assert sorted(shown_models) == sorted(model_names), shown_models
+                shown_datasets = page.get_by_test_id("open-dataset-drawer").all_inner_texts()
+                assert sorted(shown_datasets) == datasets, shown_datasets
+            finally:
+                page.screenshot(path=tmp_path / "ui_link_runs.png", full_page=True)
+                print(f"screenshot: {tmp_path / 'ui_link_runs.png'}")
+
+            run = runs[0]
+            page.goto(
+                f"{server.url}/#/experiments/{filled_server.experiment_id}/runs/"
+                f"{run['info']['run_id']}/model-metrics"
+            )
+            try:
+                assert first_chart_sections(page, 3) == [
+                    "epoch/test",
+                    "epoch/train",
+                    "eval/latent",
+                ]
+                # The test negative ELBO curve, a line over the epochs, is in the first screen.
+                legend = f"{run['info']['run_name']} (epoch/test/neg_elbo)"
+                expect(page.get_by_text(legend, exact=True).first).to_be_in_viewport()
+            finally:
+                page.screenshot(path=tmp_path / "ui_model_metrics.png")
+                print(f"screenshot: {tmp_path / 'ui_model_metrics.png'}")
+
+            page.goto(f"{link}&compareRunsMode=CHART")
+            try:
+                assert first_chart_sections(page, 3) == [
+                    "epoch/test",
+                    "epoch/train",
+                    "eval/latent",
+                ]
+            finally:
+                page.screenshot(path=tmp_path / "ui_runs_charts.png")
+                print(f"screenshot: {tmp_path / 'ui_runs_charts.png'}")
+        finally:
+            browser.close()

@@ -35,16 +35,16 @@ from vaelab.errors import VaelabError, run_stage
 # a column appears only when some selected run has it.
 # (The ranking metric is always shown too.)
 METRIC_PREFIXES = (
-    "train/neg_elbo",
-    "test/neg_elbo",
-    "test/recon",
-    "test/kl",
+    "epoch/train/neg_elbo",
+    "epoch/test/neg_elbo",
+    "epoch/test/recon",
+    "epoch/test/kl",
     "eval/test/",
     "eval/test_iw/",
     "eval/latent/active_units",
     "eval/latent/probe_accuracy",
 )
-CURVE_METRIC = "test/neg_elbo"
+CURVE_METRIC = "epoch/test/neg_elbo"
 DEFAULT_METRIC = tracking.RANK_METRIC  # also make register's
 
 

@@ -175,7 +175,7 @@ def evaluate(
             model, train_images, likelihood, metric_generator(seed, "train", device)
         ),
         # ... and the running average over the last training epoch, as the history logs it.
-        "train_last_epoch": {k: last[f"train/{k}"] for k in ("neg_elbo", "recon", "kl")},
+        "train_last_epoch": {k: last[f"epoch/train/{k}"] for k in ("neg_elbo", "recon", "kl")},
         "test_iw": importance_weighted_nll(
             model,
             test_images,

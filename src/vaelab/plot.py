@@ -52,8 +52,8 @@ def _dims_note(model: VAE) -> str:
 def loss_curve(history: list[dict[str, float]], likelihood: str, path: Path, plt) -> None:
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [r["train/neg_elbo"] for r in history], "o-", label="train (epoch mean)")
-    ax.plot(epochs, [r["test/neg_elbo"] for r in history], "s-", label="test")
+    ax.plot(epochs, [r["epoch/train/neg_elbo"] for r in history], "o-", label="train (epoch mean)")
+    ax.plot(epochs, [r["epoch/test/neg_elbo"] for r in history], "s-", label="test")
     note = ", without the constant 720.4" if likelihood == "gaussian" else ""
     ax.set(
         xlabel="epoch",

@@ -332,23 +332,23 @@ def history_row(
     """The epoch's row of the history (``vaelab.history.COLUMNS``)."""
     return {
         "epoch": epoch,
-        "train/loss": result.loss,
-        "train/neg_elbo": result.recon + result.kl,
-        "train/recon": result.recon,
-        "train/kl": result.kl,
-        "test/neg_elbo": test["neg_elbo"],
-        "test/recon": test["recon"],
-        "test/kl": test["kl"],
+        "epoch/train/loss": result.loss,
+        "epoch/train/neg_elbo": result.recon + result.kl,
+        "epoch/train/recon": result.recon,
+        "epoch/train/kl": result.kl,
+        "epoch/test/neg_elbo": test["neg_elbo"],
+        "epoch/test/recon": test["recon"],
+        "epoch/test/kl": test["kl"],
         "epoch_seconds": seconds,
         "images_per_second": n_images / seconds,
-        "train/images": result.images,
+        "epoch/train/images": result.images,
     }
 
 
 def print_epoch(row: dict[str, float], epochs: int) -> None:
     print(
-        f"epoch {row['epoch']:3d}/{epochs}  train -ELBO {row['train/neg_elbo']:9.3f}  "
-        f"test -ELBO {row['test/neg_elbo']:9.3f}  ({row['epoch_seconds']:.1f} s, "
+        f"epoch {row['epoch']:3d}/{epochs}  train -ELBO {row['epoch/train/neg_elbo']:9.3f}  "
+        f"test -ELBO {row['epoch/test/neg_elbo']:9.3f}  ({row['epoch_seconds']:.1f} s, "
         f"{row['images_per_second']:,.0f} img/s)",
         flush=True,
     )
