@@ -20,9 +20,11 @@ def apply(name: str, current: params_mod.Params, **overrides) -> params_mod.Para
     return presets.resolve(presets.read_preset(path), current, overrides, path)
 
 
-def test_the_four_presets_exist_and_are_valid():
+def test_the_six_presets_exist_and_are_valid():
     assert presets.available(PRESETS) == [
         "bernoulli-2d",
+        "burda-iwae",
+        "burda-vae",
         "iwae-benchmark",
         "tutorial",
         "tutorial-exact",
@@ -55,6 +57,35 @@ def test_presets_are_what_they_claim(tiny_params):
         "tanh",
     )
     assert (iwae.data.binarize, iwae.evaluate.iw_samples) == ("dynamic", 5000)
+
+
+def test_the_burda_presets_are_the_paper_s_vae_and_iwae(tiny_params):
+    """Burda, Grosse & Salakhutdinov (2016), sec. 5 and github.com/yburda/iwae: the same network,
+    data and training for both; only the objective and k differ."""
+    vae, iwae = apply("burda-vae", tiny_params), apply("burda-iwae", tiny_params)
+    for preset in (vae, iwae):
+        assert preset.model == params_mod.ModelParams(
+            arch="mlp",
+            latent_dims=50,
+            hidden=(200, 200),
+            activation="tanh",
+            output_bias="data_mean",
+        )
+        assert (preset.loss.likelihood, preset.data.binarize) == ("bernoulli", "dynamic")
+        assert (preset.loss.beta, preset.train.kl_warmup_epochs) == (1.0, 0)
+        train = preset.train
+        assert (train.epochs, train.batch_size, train.lr, train.lr_schedule) == (
+            3**8 // 2,  # sum of 3**i, i = 0..7 = (3**8 - 1) / 2 = 3280
+            20,
+            1e-3,
+            "burda",
+        )
+        assert (train.adam_betas, train.adam_eps) == ((0.99, 0.999), 1e-4)
+        assert preset.evaluate.iw_samples == 5000
+    assert (vae.loss.objective, vae.loss.samples) == ("elbo", 1)
+    assert (iwae.loss.objective, iwae.loss.samples) == ("iwae", 5)
+    k50 = apply("burda-iwae", tiny_params, **{"loss.samples": 50})
+    assert k50.loss.samples == 50
 
 
 def test_flags_name_only_the_keys_that_change(tiny_params):

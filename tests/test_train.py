@@ -47,7 +47,9 @@ def test_history_has_one_row_per_epoch_and_the_loss_falls(tiny_params, fake_data
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
     assert all(set(row) == set(HISTORY_COLUMNS) for row in history)
     for row in history:
-        assert row["epoch/train/neg_elbo"] == pytest.approx(row["epoch/train/recon"] + row["epoch/train/kl"])
+        assert row["epoch/train/neg_elbo"] == pytest.approx(
+            row["epoch/train/recon"] + row["epoch/train/kl"]
+        )
         assert row["epoch/train/loss"] == pytest.approx(row["epoch/train/neg_elbo"])  # beta = 1
     assert history[-1]["epoch/test/neg_elbo"] < 0.8 * history[0]["epoch/test/neg_elbo"]
 
@@ -57,7 +59,9 @@ def test_beta_weights_only_the_kl_in_the_objective(tiny_params, fake_data_dir):
     params = dataclasses.replace(tiny_params, loss=weighted)
     _, history = _train(params, fake_data_dir)
     row = history[0]
-    assert row["epoch/train/loss"] == pytest.approx(row["epoch/train/recon"] + 0.25 * row["epoch/train/kl"])
+    assert row["epoch/train/loss"] == pytest.approx(
+        row["epoch/train/recon"] + 0.25 * row["epoch/train/kl"]
+    )
 
 
 def test_batch_larger_than_the_data_set_is_refused(tiny_params, fake_data_dir):
@@ -194,7 +198,7 @@ def test_dynamic_binarization_changes_between_epochs_and_the_test_set_does_not(
 
     seen = []
 
-    def recording_step_factory(model, optimizer, likelihood, compile):
+    def recording_step_factory(model, optimizer, likelihood, compile, objective="elbo"):
         def step(x, eps, kl_weight, divisor):
             seen.append(x.clone())
             return torch.zeros(3)
@@ -239,7 +243,7 @@ def test_an_epoch_is_the_plain_loop_including_the_smaller_last_batch(tiny_params
     torch.manual_seed(cfg.seed)  # initial weights, then the noise, from the global RNG
     from vaelab.model import VAE
 
-    reference = VAE(**dataclasses.asdict(params.model))
+    reference = VAE(**params.model.architecture())
     optimizer = torch.optim.Adam(reference.parameters(), lr=cfg.lr)
     permutation = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     for start in range(0, len(images), cfg.batch_size):

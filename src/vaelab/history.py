@@ -12,6 +12,7 @@ from vaelab.files import atomic_write_bytes
 COLUMNS = (
     "epoch",
     "epoch/train/loss",
+    "epoch/train/lr",
     "epoch/train/neg_elbo",
     "epoch/train/recon",
     "epoch/train/kl",

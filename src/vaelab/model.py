@@ -4,7 +4,9 @@ Architecture: by default the course tutorial's MLP (after A. Van de Kleut's post
 encoder 784-512-(mu, logvar), decoder latent-512-784, ReLU hidden layers; deeper MLPs and a small
 conv net are options (``VAE``). The decoder returns logits; images are ``sigmoid(logits)``.
 The loss is the per-image negative ELBO of Kingma & Welling (2014), eq. 3 / eq. 10, with the
-closed-form Gaussian KL of their Appendix B.
+closed-form Gaussian KL of their Appendix B, or with k posterior samples per image the ELBO's
+k-sample average or the IWAE bound of Burda, Grosse & Salakhutdinov (2016), eq. 8
+(``per_image_objective``).
 """
 
 from __future__ import annotations
@@ -117,10 +119,18 @@ class VAE(nn.Module):
         generator: torch.Generator | None = None,
         eps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One posterior sample per image: returns (logits, mu, logvar). The noise is ``eps``
-        (B, latent) when given (distributed training draws it for the whole global batch), else
-        drawn from ``generator`` or the global RNG."""
+        """Posterior samples through the decoder: returns (logits, mu, logvar).
+
+        One sample per image: the noise is ``eps`` (B, latent) when given (distributed training
+        draws it for the whole global batch), else drawn from ``generator`` or the global RNG;
+        logits (B, 1, 28, 28). k samples per image: ``eps`` (B, k, latent), all B*k latent points
+        decoded in one batched pass; logits (B*k, 1, 28, 28), image b's samples at rows
+        b*k .. b*k + k - 1.
+        """
         mu, logvar = self.encode(x)
+        if eps is not None and eps.dim() == 3:
+            z = posterior_samples(mu, logvar, eps)  # (B, k, latent)
+            return self.decode(z.flatten(end_dim=1)), mu, logvar
         # Reparameterisation (Kingma & Welling 2014, sec. 2.4): z = mu + sigma * eps, eps ~ N(0,I)
         if eps is None and generator is None:
             eps = torch.randn_like(mu)  # the global RNG; also traceable by torch.compile
@@ -191,6 +201,58 @@ def training_loss(
     """
     total = terms.recon + beta * terms.kl
     return total.mean() if divisor is None else total.sum() / divisor
+
+
+def posterior_samples(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """k reparameterised samples per image: mu, logvar (B, latent), eps (B, k, latent) ->
+    z = mu + sigma * eps, (B, k, latent)."""
+    return mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + z.pow(2)).sum(-1)
+
+
+def per_image_objective(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    likelihood: str,
+    objective: str,
+    kl_weight: float | torch.Tensor,
+) -> tuple[torch.Tensor, ElboTerms]:
+    """The training loss of each image, (B,), in nats, and its ELBO terms (recon averaged over
+    the k samples), from ``VAE.forward``'s outputs for noise ``eps``.
+
+    eps (B, latent), one sample: recon + kl_weight * KL for both objectives (with k = 1 the IWAE
+    bound is the ELBO, Burda et al. 2016, sec. 3; the closed-form KL is its lower-variance
+    estimator, the one the ELBO training always used).
+    eps (B, k, latent), logits (B*k, 1, 28, 28):
+      elbo: the mean of the k single-sample estimates, mean_j recon_j + kl_weight * KL (Burda et
+        al.'s "VAE" with k samples: the same bound, a lower-variance gradient);
+      iwae: -log (1/k) sum_j w_j, log w_j = log p(x|z_j) + log p(z_j) - log q(z_j|x) (their
+        eq. 8), computed with logsumexp. The Gaussian likelihood leaves out the same constant
+        (784 * 0.5 * log 2 pi) as its recon term, so the values compare with neg_elbo.
+    """
+    if eps.dim() == 2:
+        terms = elbo_terms(x, logits, mu, logvar, likelihood)
+        return terms.recon + kl_weight * terms.kl, terms
+    batch, k = eps.shape[:2]
+    targets = x.unsqueeze(1).expand(batch, k, *x.shape[1:]).flatten(end_dim=1)  # (B*k, ...)
+    recon = reconstruction_nll(targets, logits, likelihood).view(batch, k)  # (B, k)
+    terms = ElboTerms(recon.mean(dim=1), kl_to_standard_normal(mu, logvar))
+    if objective == "elbo":
+        return terms.recon + kl_weight * terms.kl, terms
+    if objective != "iwae":
+        raise ValueError(f"unknown objective {objective!r}")
+    z = posterior_samples(mu, logvar, eps)  # the decoded points, (B, k, latent)
+    log_q = log_normal(z, mu.unsqueeze(1), logvar.unsqueeze(1))  # (B, k)
+    log_w = -recon + log_standard_normal(z) - log_q  # (B, k)
+    return -(torch.logsumexp(log_w, dim=1) - math.log(k)), terms
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
@@ -268,8 +330,7 @@ def importance_weighted_log_px(
             (count, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype
         )
         z = mu + std * eps  # (S, B, latent)
-        prior = -0.5 * (math.log(2 * math.pi) + z.pow(2)).sum(-1)  # log N(z; 0, I), (S, B)
-        log_w = log_px_given_z(z) + prior - log_normal(z, mu, logvar)  # (S, B)
+        log_w = log_px_given_z(z) + log_standard_normal(z) - log_normal(z, mu, logvar)  # (S, B)
         running = torch.logaddexp(running, torch.logsumexp(log_w.double(), dim=0))
     return running - math.log(samples)
 

@@ -24,6 +24,9 @@ DataSource = Literal["mnist", "custom"]
 Binarize = Literal["none", "dynamic", "static"]
 Arch = Literal["mlp", "conv"]
 Activation = Literal["relu", "tanh"]
+OutputBias = Literal["zero", "data_mean"]
+Objective = Literal["elbo", "iwae"]
+LrSchedule = Literal["constant", "burda"]
 
 
 # The sections of params.yaml with their defaults. What each key means is documented once, in
@@ -42,12 +45,25 @@ class ModelParams:
     latent_dims: int = 2
     hidden: tuple[int, ...] = (512,)
     activation: Activation = "relu"
+    output_bias: OutputBias = "zero"
+
+    def architecture(self) -> dict[str, Any]:
+        """The keys that are ``vaelab.model.VAE``'s constructor arguments (``output_bias`` is
+        how training initialises it, not part of the model)."""
+        return {
+            "arch": self.arch,
+            "latent_dims": self.latent_dims,
+            "hidden": self.hidden,
+            "activation": self.activation,
+        }
 
 
 @dataclass(frozen=True)
 class LossParams:
     likelihood: Likelihood = "gaussian"
     beta: float = 1.0
+    objective: Objective = "elbo"
+    samples: int = 1
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,9 @@ class TrainParams:
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: LrSchedule = "constant"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     seed: int = 0
     device: Device = "auto"
     compile: bool = False
@@ -110,6 +129,12 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "train.nproc": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024 (1 = no DDP)"),
     "train.lr": (lambda v: v > 0, "a number > 0"),
+    "train.adam_betas": (
+        lambda v: all(0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9, 0.999]",
+    ),
+    "train.adam_eps": (lambda v: v > 0, "a number > 0, e.g. 1.0e-8"),
+    "loss.samples": (lambda v: 1 <= v <= 10_000, "an integer from 1 to 10000"),
     "train.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
     "evaluate.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
     "evaluate.iw_samples": (lambda v: v >= 1, "an integer >= 1"),
@@ -243,7 +268,25 @@ def parse(raw: Any, path: Path = Path("params.yaml")) -> Params:
             f"{params.loss.likelihood!r}; binarised data goes with the Bernoulli likelihood. "
             "Set loss.likelihood: bernoulli, or data.binarize: none."
         )
+    if params.loss.objective == "iwae":
+        _check_iwae(params, path)
     return params
+
+
+def _check_iwae(params: Params, path: Path) -> None:
+    """beta and KL warm-up weight the KL term of the ELBO; the IWAE bound has no separate KL term
+    (Burda et al. 2016, eq. 8: the log of an average of p(x, z)/q(z|x)), so they are undefined."""
+    unset = {
+        "loss.beta": (params.loss.beta, 1.0),
+        "train.kl_warmup_epochs": (params.train.kl_warmup_epochs, 0),
+    }
+    for key, (value, neutral) in unset.items():
+        if value != neutral:
+            raise VaelabError(
+                f"{path}: '{key}' is {value!r} with 'loss.objective' iwae; it weights the ELBO's "
+                "KL term, which the IWAE bound does not have. Set "
+                f"{key}: {neutral!r}, or loss.objective: elbo."
+            )
 
 
 class _Loader(yaml.SafeLoader):

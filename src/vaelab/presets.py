@@ -36,6 +36,9 @@ CONFIG_KEYS = (
     "train.epochs",
     "train.batch_size",
     "train.lr",
+    "train.lr_schedule",
+    "train.adam_betas",
+    "train.adam_eps",
     "train.kl_warmup_epochs",
     "evaluate.iw_samples",
 )

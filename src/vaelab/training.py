@@ -16,7 +16,6 @@ evaluates the test set and calls ``on_state``/``on_epoch``; all ranks stop at th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -28,27 +27,53 @@ from tqdm import tqdm
 from vaelab import distributed
 from vaelab.data import evaluation_images, training_images
 from vaelab.errors import VaelabError
-from vaelab.model import VAE, dataset_elbo, elbo_terms, images_to_float, training_loss
-from vaelab.params import Params
+from vaelab.model import VAE, dataset_elbo, images_to_float, per_image_objective
+from vaelab.params import Params, TrainParams
 
 # A step: (x (B, 1, 28, 28), eps (B, latent), kl_weight, divisor) -> (3,) batch sums.
 TrainStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def adam(model: VAE, lr: float) -> torch.optim.Adam:
+def adam(model: VAE, cfg: TrainParams) -> torch.optim.Adam:
     """Adam with the fused kernel (one kernel for all parameters; CPU and CUDA): measured on a
     2-core CPU, an epoch took 2.3-2.7 s with it against 4.3-4.6 s for the default (docs/speed.md).
-    """
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    The learning rate is set per epoch by ``learning_rate``."""
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True
+    )
+
+
+# Burda, Grosse & Salakhutdinov (2016), sec. 5: stage i = 0..7 lasts 3**i epochs at
+# lr = 0.001 * 10**(-i/7); 3280 epochs in all.
+BURDA_STAGES = 8
+
+
+def learning_rate(cfg: TrainParams, epoch: int) -> float:
+    """The learning rate of ``epoch`` (1-based). constant: train.lr. burda: the paper's schedule
+    with train.lr in place of its 0.001, truncated at train.epochs; past its 3280 epochs the last
+    stage's rate stays."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    stage, last_epoch_of_stage = 0, 1
+    while epoch > last_epoch_of_stage and stage < BURDA_STAGES - 1:
+        stage += 1
+        last_epoch_of_stage += 3**stage
+    return cfg.lr * 10 ** (-stage / 7)
 
 
 def make_train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, likelihood: str, compile: bool
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    likelihood: str,
+    objective: str = "elbo",
+    compile: bool,
 ) -> TrainStep:
     """One optimisation step on a batch x (B, 1, 28, 28) with reparameterisation noise eps
-    (B, latent), KL weight ``kl_weight`` and ``divisor`` (0-dim tensors on the device, so
-    annealing never recompiles); returns the batch sums of (loss, recon, kl) as a (3,) tensor on
-    the device, so the caller never syncs with the host.
+    ((B, latent), or (B, k, latent) for k samples per image), KL weight ``kl_weight`` and
+    ``divisor`` (0-dim tensors on the device, so annealing never recompiles); returns the batch
+    sums of (loss, recon, kl) as a (3,) tensor on the device, so the caller never syncs with the
+    host. The loss is ``vaelab.model.per_image_objective``'s.
 
     The loss is the batch's sum of per-image losses over ``divisor``. On one process the divisor
     is B: the batch mean. Under DDP, which averages the ranks' gradients, it is
@@ -63,8 +88,17 @@ def make_train_step(
         x: torch.Tensor, eps: torch.Tensor, kl_weight: torch.Tensor, divisor: torch.Tensor
     ) -> torch.Tensor:
         logits, mu, logvar = model(x, eps=eps)
-        terms = elbo_terms(x, logits, mu, logvar, likelihood)
-        loss = training_loss(terms, kl_weight, divisor)
+        per_image, terms = per_image_objective(
+            x,
+            logits,
+            mu,
+            logvar,
+            eps,
+            likelihood=likelihood,
+            objective=objective,
+            kl_weight=kl_weight,
+        )
+        loss = per_image.sum() / divisor
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -111,6 +145,24 @@ def check_batch_size(batch_size: int, n_images: int) -> None:
         )
 
 
+@torch.no_grad()
+def set_output_bias(model: VAE, images: torch.Tensor) -> None:
+    """model.output_bias data_mean: the decoder's last bias := the logit of each pixel's mean over
+    the training images (uint8 (N, 28, 28)), the mean clipped to [0.001, 0.999] so the logit stays
+    finite (Burda et al.'s code, github.com/yburda/iwae, datasets.py ``get_train_bias_np``). The
+    decoder then starts at the average image instead of at grey."""
+    total = torch.zeros(28 * 28, dtype=torch.float64, device=images.device)
+    for start in range(0, len(images), 10_000):  # bounded memory
+        chunk = images[start : start + 10_000]
+        total += chunk.flatten(start_dim=1).double().sum(dim=0) / 255
+    mean = (total / len(images)).clamp(0.001, 0.999)
+    bias = torch.log(mean / (1 - mean))  # (784,)
+    last = model.decoder[-1]
+    if model.arch == "conv":  # ConvTranspose2d to one channel: one bias, the logit of the mean
+        bias = torch.logit(mean.mean().clamp(0.001, 0.999), eps=None).reshape(1)
+    last.bias.copy_(bias.to(last.bias.dtype))
+
+
 @dataclass
 class TrainingState:
     """Everything an epoch boundary needs to go on exactly as an uninterrupted run would: the
@@ -127,9 +179,8 @@ class TrainingState:
     def create(cls, params: Params, device: torch.device) -> TrainingState:
         torch.manual_seed(params.train.seed)  # initial weights and the reparameterisation noise
         order = torch.Generator(device=device).manual_seed(params.train.seed)
-        # ModelParams' fields are VAE's constructor arguments.
-        model = VAE(**dataclasses.asdict(params.model)).to(device)
-        return cls(model, adam(model, params.train.lr), order, [])
+        model = VAE(**params.model.architecture()).to(device)
+        return cls(model, adam(model, params.train), order, [])
 
     def snapshot(self) -> dict:
         device = self.order.device
@@ -166,6 +217,7 @@ class EpochPlan:
     divisors: tuple[torch.Tensor, torch.Tensor]  # loss divisors: full batches, the last one
     beta: float
     kl_warmup_epochs: int
+    samples: int  # posterior samples per image (loss.samples)
 
     @classmethod
     def create(
@@ -192,6 +244,7 @@ class EpochPlan:
             divisors,
             params.loss.beta,
             params.train.kl_warmup_epochs,
+            params.loss.samples,
         )
 
     @property
@@ -215,14 +268,16 @@ class EpochPlan:
     def batch(
         self, permutation: torch.Tensor, step: int, latent_dims: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Step ``step``'s images x (B, 1, 28, 28) in [0, 1], their noise eps (B, latent) and
-        the loss divisor. The binary sample and the noise are drawn for the whole global batch on
-        every rank (the single-process draws); a rank keeps its slice (maybe empty)."""
+        """Step ``step``'s images x (B, 1, 28, 28) in [0, 1], their noise eps ((B, latent), or
+        (B, k, latent) with k > 1 samples per image) and the loss divisor. The binary sample and
+        the noise are drawn for the whole global batch on every rank (the single-process draws);
+        a rank keeps its slice (maybe empty)."""
         index = permutation[step * self.batch_size : (step + 1) * self.batch_size]
         x = images_to_float(self.images[index])
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)  # a fresh binary sample each time an image is seen
-        eps = torch.randn((len(x), latent_dims), device=x.device)
+        shape = (len(x), latent_dims) if self.samples == 1 else (len(x), self.samples, latent_dims)
+        eps = torch.randn(shape, device=x.device)
         if self.world.size > 1:
             x = x.tensor_split(self.world.size)[self.world.rank]
             eps = eps.tensor_split(self.world.size)[self.world.rank]
@@ -327,12 +382,19 @@ def check_diverged(
 
 
 def history_row(
-    epoch: int, result: EpochResult, *, test: dict[str, float], seconds: float, n_images: int
+    epoch: int,
+    result: EpochResult,
+    *,
+    test: dict[str, float],
+    seconds: float,
+    n_images: int,
+    lr: float,
 ) -> dict[str, float]:
     """The epoch's row of the history (``vaelab.history.COLUMNS``)."""
     return {
         "epoch": epoch,
         "epoch/train/loss": result.loss,
+        "epoch/train/lr": lr,
         "epoch/train/neg_elbo": result.recon + result.kl,
         "epoch/train/recon": result.recon,
         "epoch/train/kl": result.kl,
@@ -377,15 +439,24 @@ def train_model(
     state = TrainingState.create(params, device)
     trained = distributed.wrap(state.model, world)
     train_step = make_train_step(
-        trained, state.optimizer, likelihood=params.loss.likelihood, compile=cfg.compile
+        trained,
+        state.optimizer,
+        likelihood=params.loss.likelihood,
+        objective=params.loss.objective,
+        compile=cfg.compile,
     )
     should_stop = distributed.StopAgreement(stop_requested, world)  # ranks stop at one step
     plan = EpochPlan.create(train_images, params, world=world, device=device)
     test_images = evaluation_images(test_images, params.data.binarize, "test").to(device)
+    if params.model.output_bias == "data_mean":
+        set_output_bias(state.model, plan.images)
     if resume is not None:
         state.restore(resume)
     try:
         for epoch in range(len(state.history) + 1, cfg.epochs + 1):
+            lr = learning_rate(cfg, epoch)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
             started = time.perf_counter()
             result = train_epoch(
                 state, plan, epoch=epoch, train_step=train_step, should_stop=should_stop
@@ -394,10 +465,10 @@ def train_model(
             test = {}
             if world.is_main:  # rank 0 evaluates, logs and reports
                 test = test_pass(state.model, test_images, params=params, epoch=epoch)
-            check_diverged(result, test, epoch=epoch, plan=plan, lr=cfg.lr)
+            check_diverged(result, test, epoch=epoch, plan=plan, lr=lr)
             if world.is_main:
                 row = history_row(
-                    epoch, result, test=test, seconds=seconds, n_images=len(train_images)
+                    epoch, result, test=test, seconds=seconds, n_images=len(train_images), lr=lr
                 )
                 state.history.append(row)
                 on_state(state.snapshot())
