@@ -1,9 +1,10 @@
-"""Stage ``plot``: the five figures in reports/figures/.
+"""Stage ``plot``: the five figures and the latent explorer page in reports/figures/.
 
     python -m vaelab.plot --params params.yaml --data-dir data/MNIST --model models/vae.pt \
         --history reports/train_history.csv --out reports/figures
 
-With more than two latent dimensions, the 2-D plots use the first two and hold the rest at 0.
+With more than two latent dimensions, the 2-D plots use the first two and hold the rest at 0;
+the explorer (``vaelab.explorer``) shows the two whose test means vary most, the rest at 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vaelab import history
 from vaelab import params as params_mod
 from vaelab.data import evaluation_images, load_split
 from vaelab.errors import run_stage
+from vaelab.explorer import write_explorer
 from vaelab.model import VAE, images_to_float, load
 from vaelab.params import PlotParams
 
@@ -28,6 +30,7 @@ FIGURES = (
     "latent_scatter.png",
     "latent_grid.png",
     "reconstructions.png",
+    "latent_explorer.html",  # interactive, for a browser or the MLflow UI; not a dvc plot
 )
 
 
@@ -185,7 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     latent_grid(model, cfg.grid_size, args.out / "latent_grid.png", plt)
     count = min(cfg.recon_count, len(test_images))
     reconstructions(model, test_images, count, args.out / "reconstructions.png", plt)
-    print(f"plot: {len(FIGURES)} figures -> {args.out}")
+    line = (cfg.line_start, cfg.line_end)
+    write_explorer(
+        model,
+        test_images,
+        test_labels,
+        params.loss.likelihood,
+        line,
+        args.out / "latent_explorer.html",
+    )
+    print(f"plot: {len(FIGURES) - 1} figures and the explorer page -> {args.out}")
 
 
 if __name__ == "__main__":
