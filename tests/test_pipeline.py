@@ -213,8 +213,20 @@ def test_repro_with_changes_gives_one_complete_run(reproduced):
     assert only.data.tags["git.dirty"] == "false"
     for name in FIGURES:
         assert (repo / "reports" / "figures" / name).stat().st_size > 0
+    # The explorer page fetches nothing (tests/test_explorer*.py check it further).
+    explorer = (repo / "reports" / "figures" / "latent_explorer.html").read_text()
+    assert "http://" not in explorer and "https://" not in explorer
     assert (repo / "reports" / "metrics.json").is_file()
     assert len((repo / "reports" / "train_history.csv").read_text().splitlines()) == 1 + 2
+
+
+def test_dvc_plots_show_renders_the_pngs(reproduced, tmp_path):
+    """Every PNG figure is a plot; latent_explorer.html beside them is not read as one."""
+    output = run(reproduced, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    assert "failed" not in output.lower(), output
+    rendered = {p.name for p in (tmp_path / "plots" / "static").iterdir()}
+    pngs = [name for name in FIGURES if name.endswith(".png")]
+    assert rendered == {f"workspace_reports_figures_{name}" for name in pngs}
 
 
 def test_repro_with_nothing_changed_adds_no_run(reproduced_copy):

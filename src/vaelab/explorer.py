@@ -241,7 +241,7 @@ _STYLE = """
 body { font: 14px sans-serif; margin: 16px; color: #222; }
 h1 { font-size: 18px; }
 .note { max-width: 960px; color: #555; }
-.row { display: flex; gap: 24px; align-items: flex-start; }
+.row { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
 .planebox { position: relative; }
 #overlay { position: absolute; left: 0; top: 0; cursor: crosshair; }
 #hover { position: absolute; display: none; pointer-events: none; border: 1px solid #444; }
@@ -337,8 +337,11 @@ function decode(z) {
   return x.map(v => 1 / (1 + Math.exp(-v)));
 }
 
-// The plane's axes: plot box in canvas pixels, latent ranges D.x, D.y.
+// The plane's axes: plot box in canvas pixels, latent ranges D.x, D.y. The plane fits the
+// window's width (the MLflow UI's artifact pane is narrow); the side panel wraps below it.
 const plane = document.getElementById("plane"), overlay = document.getElementById("overlay");
+plane.width = overlay.width = Math.max(360, Math.min(600, window.innerWidth - 40));
+plane.height = overlay.height = plane.width - 40;
 const box = {left: 56, top: 12, width: plane.width - 56 - 12, height: plane.height - 12 - 44};
 function toPixel(z1, z2) {
   return [box.left + (z1 - D.x[0]) / (D.x[1] - D.x[0]) * box.width,
@@ -454,6 +457,7 @@ overlay.addEventListener("mousemove", event => {
   hover.style.display = "block";
   hover.style.left = `${px + 16}px`; hover.style.top = `${py + 16}px`;
   ztext.textContent = `${D.axisNames[0]} = ${z1.toFixed(3)}, ${D.axisNames[1]} = ${z2.toFixed(3)}`;
+  window.explorer.pointerPixel = [px, py];  // where the event landed, in canvas pixels
   window.explorer.pointer = [z1, z2];
   drawOverlay([px, py]);
 });
@@ -482,5 +486,5 @@ overlay.addEventListener("click", event => {
 
 drawPlane();
 window.explorer = {box, x: D.x, y: D.y, dims: D.dims, toPixel, toLatent, selected: null,
-                   pointer: null, ready: true};
+                   pointer: null, pointerPixel: null, ready: true};
 """
