@@ -338,6 +338,42 @@ def test_a_preset_runs_as_a_named_experiment(reproduced_copy):
     assert saved == {"latent_dims": 50, "hidden": [200, 200], "arch": "mlp", "activation": "tanh"}
 
 
+def test_the_burda_iwae_preset_runs_as_an_experiment(reproduced_copy):
+    """burda-iwae for 2 epochs: k = 5 importance-weighted training with the paper's schedule and
+    initialisation through `dvc exp run`, a complete MLflow run with the per-epoch lr."""
+    repo = reproduced_copy
+    count = len(runs(repo))
+    run(
+        repo,
+        sys.executable,
+        "-m",
+        "vaelab.presets",
+        "--dir",
+        "presets",
+        "--params",
+        "params.yaml",
+        "burda-iwae",
+        "-S",
+        "train.epochs=2",
+        "-S",
+        "evaluate.iw_samples=10",
+    )
+    (new,) = runs(repo)[count:]
+    assert new.info.run_name == "burda-iwae"
+    assert_complete(repo, new, repo / "params.yaml")
+    got = {k: new.data.params[k] for k in ("loss.objective", "loss.samples", "train.lr_schedule")}
+    assert got == {"loss.objective": "iwae", "loss.samples": "5", "train.lr_schedule": "burda"}
+    client = client_for(repo)
+    lr = [m.value for m in client.get_metric_history(new.info.run_id, "epoch/train/lr")]
+    assert sorted(lr, reverse=True) == pytest.approx([1e-3, 1e-3 * 10 ** (-1 / 7)])
+    loss, neg_elbo = (
+        sorted(client.get_metric_history(new.info.run_id, key), key=lambda m: m.step)
+        for key in ("epoch/train/loss", "epoch/train/neg_elbo")
+    )
+    # The IWAE bound is above the ELBO: its loss below the negative ELBO, epoch by epoch.
+    assert all(a.value < b.value for a, b in zip(loss, neg_elbo, strict=True))
+
+
 def test_a_queued_sweep_is_a_parent_run_with_two_complete_children(tmp_path):
     repo = make_repo(tmp_path / "queue")
     # As make sweep does: the sweep's parent run first, then DVC's grid syntax, one queued
