@@ -72,10 +72,13 @@ sweep: $(VENV)/.installed
 		--figures reports/comparison --filter "tags.sweep = '$(SWEEP_NAME)'" \
 		--expect-runs $$queued
 
-# Run a preset (presets/*.yaml) as a DVC experiment: make preset PRESET=bernoulli-2d
+# Run a preset (presets/*.yaml) as a DVC experiment: make preset PRESET=bernoulli-2d, with
+# overrides: make preset PRESET=burda-iwae PRESET_ARGS="-S loss.samples=50"
 PRESET ?= tutorial
+PRESET_ARGS ?=
 preset: $(VENV)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m vaelab.presets --dir presets --params params.yaml $(PRESET)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m vaelab.presets --dir presets \
+		--params params.yaml $(PRESET) $(PRESET_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests

@@ -228,3 +228,15 @@ def test_bad_objective_settings_are_refused_by_name(changes, message):
         raw[section].update(values)
     with pytest.raises(VaelabError, match=message):
         params_mod.parse(raw)
+
+
+def test_the_iwae_benchmark_prints_the_time_of_each_k_against_k_1(fake_data_dir, capsys):
+    """`python -m vaelab.bench --iwae-samples 1,3` on the fake data: one row per k, each timed in
+    its own process, the k = 1 row the unit of the ratio column."""
+    from vaelab import bench
+
+    bench.main(["--data-dir", str(fake_data_dir), "--iwae-samples", "1,3", "--epochs", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[1:]]
+    assert [(c[0], c[1], c[4]) for c in cells] == [("1", "20", "1.00"), ("3", "20", cells[1][4])]
+    assert float(cells[1][2]) > 0 and math.isfinite(float(cells[1][5]))

@@ -2,6 +2,11 @@
 
     python -m vaelab.bench --data-dir data/MNIST [--epochs 4] [--batch-size 64] [--device auto]
         [--sweep 64,256,1024] [--compile] [--report reports/benchmark.md]
+    python -m vaelab.bench --data-dir data/MNIST --iwae-samples 1,5,50 [--epochs 2]
+
+The second form times IWAE training (``loss.objective: iwae``) with k samples per image on the
+burda presets' network (784-200-200-50 tanh, Bernoulli, dynamic binarisation, batch 20) against
+k = 1, to show what the k samples cost: one batched decoder pass of B*k rows.
 
 Each configuration runs in a fresh subprocess (so peak memory is its own) and prints one JSON line.
 Times exclude the first (warm-up) epoch. The reference is the tutorial reproduced faithfully:
@@ -194,6 +199,45 @@ def run_vaelab(
     }
 
 
+def run_iwae(data_dir: Path, epochs: int, samples: int, device: torch.device, seed: int) -> dict:
+    """IWAE training with ``samples`` per image on the burda presets' network, batch 20."""
+    raw = dataclasses.asdict(params_mod.defaults())
+    raw["data"]["binarize"] = "dynamic"
+    raw["model"].update(latent_dims=50, hidden=[200, 200], activation="tanh")
+    raw["loss"].update(likelihood="bernoulli", objective="iwae", samples=samples)
+    raw["train"].update(epochs=epochs, batch_size=20, seed=seed, device=device.type)
+    params = params_mod.parse(raw)
+    train_images, _ = load_split(data_dir, train=True)
+    test_images, _ = load_split(data_dir, train=False)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result
+        _, history = train_model(params, train_images, test_images, device=device)
+    return {
+        "images": len(train_images),
+        "seconds": [r["epoch_seconds"] for r in history],
+        "loss": history[-1]["epoch/train/loss"],
+    }
+
+
+def iwae_markdown(runs: list[dict], info: dict[str, str], device: torch.device) -> str:
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+        f"GPU: {info['gpu']}; torch {info['torch']}; device {device}.",
+        "",
+        "| IWAE k | batch | s/epoch | images/s | × time of k = 1 | last epoch's train loss |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = statistics.median(runs[0]["seconds"][1:])
+    for r in runs:
+        seconds = statistics.median(r["seconds"][1:])
+        lines.append(
+            f"| {r['samples']} | 20 | {seconds:.2f} | {r['images'] / seconds:,.0f} | "
+            f"{seconds / base:.2f} | {r['loss']:.2f} |"
+        )
+    epochs = len(runs[0]["seconds"])
+    lines += ["", f"Median over epochs 2..{epochs} (epoch 1 is warm-up), training only."]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -220,6 +264,8 @@ def _worker(spec: dict) -> dict:
     data_dir = Path(spec["data_dir"])
     if spec["loop"] == "reference":
         return run_reference(data_dir, spec["epochs"], device, spec["seed"])
+    if spec["loop"] == "iwae":
+        return run_iwae(data_dir, spec["epochs"], spec["samples"], device, spec["seed"])
     return run_vaelab(
         data_dir, spec["epochs"], spec["batch_size"], device, spec["seed"], spec["compile"]
     )
@@ -227,6 +273,7 @@ def _worker(spec: dict) -> dict:
 
 def _spawn(spec: dict) -> dict:
     label = f"{spec['loop']} batch {spec['batch_size']}" + (" compiled" if spec["compile"] else "")
+    label += f" k = {spec['samples']}" if "samples" in spec else ""
     print(f"bench: running {label} ...", file=sys.stderr, flush=True)
     result = subprocess.run(
         [sys.executable, "-m", "vaelab.bench", "--worker", json.dumps(spec)],
@@ -299,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="add a train.compile=true row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", type=Path, help="write the table here (+ .json beside it)")
+    parser.add_argument(
+        "--iwae-samples",
+        help="instead: time IWAE training for these k, e.g. 1,5,50 (batch 20, burda network)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -318,6 +369,16 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "compile": False,
     }
+    if args.iwae_samples:
+        ks = [int(k) for k in args.iwae_samples.split(",") if k.strip()]
+        runs = [_spawn(base | {"loop": "iwae", "batch_size": 20, "samples": k}) for k in ks]
+        table = iwae_markdown(runs, machine(), device)
+        print(table)
+        if args.report:
+            header = "# Benchmark: IWAE training time against k\n\n"
+            atomic_write_bytes(args.report, (header + table).encode())
+            print(f"bench: wrote {args.report}")
+        return
     sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
     specs = [
         base | {"loop": "reference", "batch_size": TUTORIAL_BATCH},
