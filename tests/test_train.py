@@ -112,20 +112,34 @@ def test_stage_reports_user_errors_without_a_traceback(tmp_path):
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_compiled_step_trains_like_the_eager_one(tiny_params, fake_data_dir, monkeypatch):
-    """train.compile on the CPU (torch.compile's default mode; CUDA graphs need a GPU)."""
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_compiled_step_trains_like_the_eager_one(tiny_params, fake_data_dir, objective):
+    """train.compile on the CPU (torch.compile's default mode; CUDA graphs need a GPU): the
+    ELBO with one sample, and IWAE with k = 2 over two epochs of the burda schedule (the
+    learning rate changes between them)."""
     import torch._inductor.config
 
-    # Compiled code draws its own random numbers unless told to use eager's generator.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    one_epoch = dataclasses.replace(tiny_params.train, epochs=1)
-    eager = dataclasses.replace(tiny_params, train=one_epoch)
-    compiled = dataclasses.replace(tiny_params, train=dataclasses.replace(one_epoch, compile=True))
+    base = tiny_params
+    if objective == "iwae":
+        base = dataclasses.replace(
+            tiny_params,
+            loss=dataclasses.replace(tiny_params.loss, objective="iwae", samples=2),
+            train=dataclasses.replace(tiny_params.train, lr_schedule="burda"),
+        )
+    epochs = dataclasses.replace(base.train, epochs=1 if objective == "elbo" else 2)
+    eager = dataclasses.replace(base, train=epochs)
+    compiled = dataclasses.replace(base, train=dataclasses.replace(epochs, compile=True))
     _, eager_history = _train(eager, fake_data_dir)
-    _, compiled_history = _train(compiled, fake_data_dir)
+    # Compiled code draws its own random numbers unless told to use eager's generator.
+    with torch._inductor.config.patch(fallback_random=True):
+        _, compiled_history = _train(compiled, fake_data_dir)
     # Same seed, same noise, same maths; only kernel fusion and summation order differ.
-    for key in ("epoch/train/neg_elbo", "epoch/test/neg_elbo"):
-        assert compiled_history[0][key] == pytest.approx(eager_history[0][key], rel=1e-4), key
+    for key in ("epoch/train/loss", "epoch/train/neg_elbo", "epoch/test/neg_elbo"):
+        for got, expected in zip(compiled_history, eager_history, strict=True):
+            assert got[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert [r["epoch/train/lr"] for r in compiled_history] == [
+        r["epoch/train/lr"] for r in eager_history
+    ]
 
 
 def test_benchmark_smoke(fake_data_dir, tmp_path):

@@ -223,10 +223,15 @@ def iwae_markdown(runs: list[dict], info: dict[str, str], device: torch.device) 
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
         f"GPU: {info['gpu']}; torch {info['torch']}; device {device}.",
         "",
-        "| IWAE k | batch | s/epoch | images/s | × time of k = 1 | last epoch's train loss |",
+    ]
+    # The unit of the ratio column: k = 1 when it was timed, else the first k.
+    unit = next((r for r in runs if r["samples"] == 1), runs[0])
+    base = statistics.median(unit["seconds"][1:])
+    lines += [
+        f"| IWAE k | batch | s/epoch | images/s | × time of k = {unit['samples']} "
+        "| last epoch's train loss |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    base = statistics.median(runs[0]["seconds"][1:])
     for r in runs:
         seconds = statistics.median(r["seconds"][1:])
         lines.append(

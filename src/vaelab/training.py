@@ -30,7 +30,8 @@ from vaelab.errors import VaelabError
 from vaelab.model import VAE, dataset_elbo, images_to_float, per_image_objective
 from vaelab.params import Params, TrainParams
 
-# A step: (x (B, 1, 28, 28), eps (B, latent), kl_weight, divisor) -> (3,) batch sums.
+# A step: (x (B, 1, 28, 28), eps (B, latent) or (B, k, latent), kl_weight, divisor) -> (3,)
+# batch sums.
 TrainStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -357,7 +358,13 @@ def test_pass(
 
 
 def check_diverged(
-    result: EpochResult, test: dict[str, float], *, epoch: int, plan: EpochPlan, lr: float
+    result: EpochResult,
+    test: dict[str, float],
+    *,
+    epoch: int,
+    plan: EpochPlan,
+    lr: float,
+    cfg_lr: float,
 ) -> None:
     """Raise the divergence error if a step's loss was not finite, or if the test ELBO is not: a
     step's loss is computed before its update, so an update that breaks the model in the last
@@ -378,7 +385,8 @@ def check_diverged(
     kept = ""
     if epoch > 1 and plan.world.size == 1:  # DDP runs write no checkpoints
         kept = f"The checkpoint of epoch {epoch - 1} is kept. "
-    raise VaelabError(f"{what}: training diverged. {kept}Lower train.lr (now {lr}) and run again.")
+    rate = f"now {lr}" if lr == cfg_lr else f"{cfg_lr}; this epoch's scheduled rate was {lr}"
+    raise VaelabError(f"{what}: training diverged. {kept}Lower train.lr ({rate}) and run again.")
 
 
 def history_row(
@@ -437,6 +445,9 @@ def train_model(
     cfg = params.train
     check_batch_size(cfg.batch_size, len(train_images))
     state = TrainingState.create(params, device)
+    plan = EpochPlan.create(train_images, params, world=world, device=device)
+    if params.model.output_bias == "data_mean":  # before the wrap, which broadcasts rank 0's
+        set_output_bias(state.model, plan.images)
     trained = distributed.wrap(state.model, world)
     train_step = make_train_step(
         trained,
@@ -446,11 +457,8 @@ def train_model(
         compile=cfg.compile,
     )
     should_stop = distributed.StopAgreement(stop_requested, world)  # ranks stop at one step
-    plan = EpochPlan.create(train_images, params, world=world, device=device)
     test_images = evaluation_images(test_images, params.data.binarize, "test").to(device)
-    if params.model.output_bias == "data_mean":
-        set_output_bias(state.model, plan.images)
-    if resume is not None:
+    if resume is not None:  # after the output bias: the checkpoint's weights win
         state.restore(resume)
     try:
         for epoch in range(len(state.history) + 1, cfg.epochs + 1):
@@ -465,7 +473,7 @@ def train_model(
             test = {}
             if world.is_main:  # rank 0 evaluates, logs and reports
                 test = test_pass(state.model, test_images, params=params, epoch=epoch)
-            check_diverged(result, test, epoch=epoch, plan=plan, lr=lr)
+            check_diverged(result, test, epoch=epoch, plan=plan, lr=lr, cfg_lr=cfg.lr)
             if world.is_main:
                 row = history_row(
                     epoch, result, test=test, seconds=seconds, n_images=len(train_images), lr=lr
