@@ -171,3 +171,36 @@ def test_rank_losses_average_to_the_global_batch_gradient(batch, world):
     for i, expected in enumerate(full):
         average = sum(g[i] for g in per_rank) / world
         torch.testing.assert_close(average, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("batch", "world"), [(7, 3), (2, 3)])
+def test_iwae_rank_losses_average_to_the_global_batch_gradient(batch, world):
+    """The same with k = 3 IWAE samples per image: noise (B, k, latent) split on the batch
+    dimension as EpochPlan.batch splits it, uneven and empty slices included."""
+    from vaelab import model as m
+
+    torch.manual_seed(0)
+    vae = m.VAE(latent_dims=2, hidden=(8,))
+    x, eps = torch.rand(batch, 1, 28, 28), torch.randn(batch, 3, 2)
+    params = list(vae.parameters())
+
+    def loss_of(xs: torch.Tensor, es: torch.Tensor, divisor: float) -> torch.Tensor:
+        per_image, _ = m.per_image_objective(
+            xs, *vae(xs, eps=es), es, likelihood="bernoulli", objective="iwae", kl_weight=1.0
+        )
+        return per_image.sum() / divisor
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [
+            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+        ]
+
+    full = gradients(loss_of(x, eps, batch))
+    per_rank = [
+        gradients(loss_of(xs, es, batch / world))
+        for xs, es in zip(x.tensor_split(world), eps.tensor_split(world), strict=True)
+    ]
+    for i, expected in enumerate(full):
+        average = sum(g[i] for g in per_rank) / world
+        torch.testing.assert_close(average, expected, rtol=1e-5, atol=1e-6)

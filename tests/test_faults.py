@@ -99,14 +99,12 @@ def assert_steps_once(store: Path, run_id: str, epochs: int) -> None:
         assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """Fake data, params and a reference run of 20 epochs with nothing going wrong."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
+def reference_run(folder: Path, params: Path) -> tuple[Path, Path, Path]:
+    """Fake data and a reference run of ``params`` with nothing going wrong."""
+    folder.mkdir(parents=True, exist_ok=True)
     write_fake_mnist(folder / "custom")
     data_dir = folder / "MNIST"
     prepare_custom(data_dir, folder / "custom", log=lambda message: None)
-    params = write_params(folder / "params.yaml", epochs=20)
     out = folder / "reference"
     out.mkdir()
     subprocess.run(
@@ -118,8 +116,32 @@ def uninterrupted(tmp_path_factory):
     return data_dir, params, out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Fake data, params and a reference run of 20 epochs with nothing going wrong."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    return reference_run(folder, write_params(folder / "params.yaml", epochs=20))
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGTERM"])
 def test_resume_after_interruption_is_bit_identical(tmp_path, uninterrupted, how):
+    check_resume(tmp_path, uninterrupted, how)
+
+
+def test_resume_keeps_the_schedule_the_objective_and_the_trained_bias(tmp_path):
+    """IWAE (k = 2) with the burda schedule (rates change after epochs 1, 4 and 13) and the
+    data_mean output bias, stopped after epoch 3 and resumed: the same weights, history and
+    learning rates as the run that was not stopped (the bias is set before the checkpoint's
+    weights are restored, so it does not overwrite them)."""
+    params = write_params(tmp_path / "params.yaml", epochs=20, lr_schedule="burda")
+    raw = yaml.safe_load(params.read_text())
+    raw["loss"].update(objective="iwae", samples=2)
+    raw["model"]["output_bias"] = "data_mean"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    check_resume(tmp_path, reference_run(tmp_path / "reference-run", params), "SIGTERM")
+
+
+def check_resume(tmp_path: Path, uninterrupted, how: str) -> None:
     data_dir, params, reference = uninterrupted
     out, store = tmp_path / "interrupted", tmp_path / "store.db"
     out.mkdir()
