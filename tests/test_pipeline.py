@@ -277,73 +277,13 @@ def test_exp_run_of_params_seen_before_gives_a_complete_run_named_after_it(repro
 
 
 def test_a_preset_runs_as_a_named_experiment(reproduced_copy):
-    """The iwae-benchmark preset (a list value, a string, ints) through DVC's -S and back; also
-    the Bernoulli path end to end: dynamic binarisation, with KL warm-up."""
+    """The burda-iwae preset for 2 epochs through `dvc exp run`: list values, strings, ints and
+    floats through DVC's -S and back; the Bernoulli path end to end with dynamic binarisation;
+    k = 5 IWAE training with the paper's schedule and initialisation; a complete MLflow run with
+    the per-epoch learning rate."""
     repo = reproduced_copy
     count = len(runs(repo))
-    preset = [
-        sys.executable,
-        "-m",
-        "vaelab.presets",
-        "--dir",
-        "presets",
-        "--params",
-        "params.yaml",
-        "iwae-benchmark",
-    ]
     output = run(
-        repo,
-        *preset,
-        "-S",
-        "train.epochs=1",
-        "-S",
-        "evaluate.iw_samples=10",
-        "-S",
-        "train.kl_warmup_epochs=1",
-    )
-    assert "-S 'model.hidden=[200,200]'" in output
-    (new,) = runs(repo)[count:]
-    assert new.info.run_name == "iwae-benchmark"
-    got = {
-        k: new.data.params[k]
-        for k in (
-            "model.hidden",
-            "model.activation",
-            "model.latent_dims",
-            "train.batch_size",
-            "train.epochs",
-            "data.source",
-            "train.device",
-            "evaluate.iw_samples",
-        )
-    }
-    assert got == {
-        "model.hidden": "[200, 200]",
-        "model.activation": "tanh",
-        "model.latent_dims": "50",
-        "train.batch_size": "20",
-        "train.epochs": "1",
-        "data.source": "custom",
-        "train.device": "cpu",  # kept from params.yaml
-        "evaluate.iw_samples": "10",
-    }
-    assert_complete(repo, new, repo / "params.yaml")
-    assert (new.data.params["data.binarize"], new.data.params["loss.likelihood"]) == (
-        "dynamic",
-        "bernoulli",
-    )
-    # Bernoulli NLL of binary images: positive nats, the IW bound below the negative ELBO.
-    assert 0 < new.data.metrics["eval/test_iw/nll"] <= new.data.metrics["eval/test_iw/neg_elbo"]
-    saved = torch.load(repo / "models" / "vae.pt", weights_only=True)["config"]
-    assert saved == {"latent_dims": 50, "hidden": [200, 200], "arch": "mlp", "activation": "tanh"}
-
-
-def test_the_burda_iwae_preset_runs_as_an_experiment(reproduced_copy):
-    """burda-iwae for 2 epochs: k = 5 importance-weighted training with the paper's schedule and
-    initialisation through `dvc exp run`, a complete MLflow run with the per-epoch lr."""
-    repo = reproduced_copy
-    count = len(runs(repo))
-    run(
         repo,
         sys.executable,
         "-m",
@@ -358,11 +298,42 @@ def test_the_burda_iwae_preset_runs_as_an_experiment(reproduced_copy):
         "-S",
         "evaluate.iw_samples=10",
     )
+    assert "-S 'model.hidden=[200,200]'" in output
     (new,) = runs(repo)[count:]
     assert new.info.run_name == "burda-iwae"
     assert_complete(repo, new, repo / "params.yaml")
-    got = {k: new.data.params[k] for k in ("loss.objective", "loss.samples", "train.lr_schedule")}
-    assert got == {"loss.objective": "iwae", "loss.samples": "5", "train.lr_schedule": "burda"}
+    keys = (
+        "model.hidden",
+        "model.activation",
+        "model.latent_dims",
+        "model.output_bias",
+        "loss.objective",
+        "loss.samples",
+        "train.batch_size",
+        "train.epochs",
+        "train.lr_schedule",
+        "train.adam_betas",
+        "data.source",
+        "data.binarize",
+        "train.device",
+        "evaluate.iw_samples",
+    )
+    assert {k: new.data.params[k] for k in keys} == {
+        "model.hidden": "[200, 200]",
+        "model.activation": "tanh",
+        "model.latent_dims": "50",
+        "model.output_bias": "data_mean",
+        "loss.objective": "iwae",
+        "loss.samples": "5",
+        "train.batch_size": "20",
+        "train.epochs": "2",
+        "train.lr_schedule": "burda",
+        "train.adam_betas": "[0.99, 0.999]",
+        "data.source": "custom",
+        "data.binarize": "dynamic",
+        "train.device": "cpu",  # kept from params.yaml
+        "evaluate.iw_samples": "10",
+    }
     client = client_for(repo)
     lr = [m.value for m in client.get_metric_history(new.info.run_id, "epoch/train/lr")]
     assert sorted(lr, reverse=True) == pytest.approx([1e-3, 1e-3 * 10 ** (-1 / 7)])
@@ -372,6 +343,10 @@ def test_the_burda_iwae_preset_runs_as_an_experiment(reproduced_copy):
     )
     # The IWAE bound is above the ELBO: its loss below the negative ELBO, epoch by epoch.
     assert all(a.value < b.value for a, b in zip(loss, neg_elbo, strict=True))
+    # Bernoulli NLL of binary images: positive nats, the IW bound below the negative ELBO.
+    assert 0 < new.data.metrics["eval/test_iw/nll"] <= new.data.metrics["eval/test_iw/neg_elbo"]
+    saved = torch.load(repo / "models" / "vae.pt", weights_only=True)["config"]
+    assert saved == {"latent_dims": 50, "hidden": [200, 200], "arch": "mlp", "activation": "tanh"}
 
 
 def test_a_queued_sweep_is_a_parent_run_with_two_complete_children(tmp_path):
