@@ -70,7 +70,7 @@ sweep: $(VENV)/.installed
 	dvc queue status; \
 	python -m vaelab.compare --params params.yaml --report reports/comparison.md \
 		--figures reports/comparison --filter "tags.sweep = '$(SWEEP_NAME)'" \
-		--expect-runs $$queued
+		--expect-runs $$queued --sweep '$(SWEEP_NAME)'
 
 # Run a preset (presets/*.yaml) as a DVC experiment: make preset PRESET=bernoulli-2d, with
 # overrides: make preset PRESET=burda-iwae PRESET_ARGS="-S loss.samples=50"

@@ -119,3 +119,22 @@ def test_run_ids_descending_and_errors(store):
         compare.compare("vaelab", report, store / "f", filter_string="tags.sweep = 'x'")
     with pytest.raises(VaelabError, match="no MLflow experiment 'other'"):
         compare.compare("other", report, store / "f")
+
+
+def test_a_sweep_whose_comparison_fails_ends_its_parent_failed(store):
+    """`make sweep` passes --sweep: when an experiment of the sweep failed (fewer runs than
+    queued), the parent run ends FAILED with the reason as its note instead of staying RUNNING."""
+    parent = tracking.start_sweep("vaelab", "s1", {"model.latent_dims": "2,5,10,20"})
+    args = ["--params", "unused.yaml", "--experiment", "vaelab", "--report", str(store / "c.md")]
+    args += ["--figures", str(store / "f"), "--filter", "tags.sweep = 's1'"]
+    with pytest.raises(VaelabError, match="expected 4 FINISHED runs"):
+        compare.main([*args, "--expect-runs", "4", "--sweep", "s1"])
+    client, _ = tracking.connect("vaelab")
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED"
+    assert "expected 4 FINISHED runs" in run.data.tags["mlflow.note.content"]
+    # A sweep that compares is finished by compare, as before.
+    other = tracking.start_sweep("vaelab", "s2", {"train.seed": "1,2"})
+    compare.main([*args, "--expect-runs", "3", "--sweep", "s2", "--no-log"])
+    assert client.get_run(other).info.status == "RUNNING"  # --no-log: nothing to finish it with
+    assert tracking.fail_sweep("vaelab", "s1", "again") is False  # ended once, not twice

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -295,19 +296,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--descending", action="store_true", help="higher is better")
     parser.add_argument("--no-log", action="store_true", help="do not log a comparison run")
     parser.add_argument("--expect-runs", type=int, help="fail unless exactly this many runs match")
+    parser.add_argument(
+        "--sweep", help="the sweep label whose parent run this completes (FAILED if it cannot)"
+    )
     args = parser.parse_args(argv)
     experiment = args.experiment or params_mod.load(args.params).mlflow.experiment
-    compare(
-        experiment,
-        args.report,
-        args.figures,
-        args.filter,
-        args.run_ids,
-        args.metric,
-        args.descending,
-        log=not args.no_log,
-        expect_runs=args.expect_runs,
-    )
+    try:
+        compare(
+            experiment,
+            args.report,
+            args.figures,
+            args.filter,
+            args.run_ids,
+            args.metric,
+            args.descending,
+            log=not args.no_log,
+            expect_runs=args.expect_runs,
+        )
+    except VaelabError as error:
+        # A sweep whose comparison cannot be made (an experiment failed) ends its parent run,
+        # which would otherwise stay RUNNING in the UI.
+        if args.sweep and tracking.fail_sweep(experiment, args.sweep, str(error)):
+            print(f"compare: sweep '{args.sweep}' parent run marked FAILED", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

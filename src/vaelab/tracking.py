@@ -667,6 +667,18 @@ def start_sweep(experiment: str, label: str, swept: dict[str, str]) -> str:
     return run_id
 
 
+def fail_sweep(experiment: str, label: str, reason: str) -> bool:
+    """End sweep ``label``'s parent run as FAILED with ``reason`` as its note (the comparison
+    that would finish it could not be made); False when the sweep has no running parent."""
+    client, experiment_id = connect(experiment)
+    parent = sweep_parent(client, experiment_id, label)
+    if parent is None or client.get_run(parent).info.status != "RUNNING":
+        return False
+    client.set_tag(parent, "mlflow.note.content", f"The sweep's comparison failed: {reason}")
+    client.set_terminated(parent, "FAILED")
+    return True
+
+
 def _parent_tag(client, experiment_id: str, label: str) -> dict[str, str]:
     """``mlflow.parentRunId`` of a run of sweep ``label``, when the sweep has a parent run."""
     parent = sweep_parent(client, experiment_id, label)
