@@ -116,3 +116,21 @@ def filled_server(tracking_server, tmp_path_factory):
     from tests.tracking_server import fill
 
     return fill(tracking_server, tmp_path_factory.mktemp("remote-pipeline"))
+
+
+@pytest.fixture(scope="module")
+def browser():  # a playwright Browser
+    """Headless Chromium, launched once per test module for the `browser` tests (their module
+    skips, with the reason, when playwright or chromium is missing; tests/test_ui_browser.py)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_ui_browser import CHROMIUM
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()

@@ -23,7 +23,6 @@ from vaelab.model import VAE, images_to_float, load, per_image_terms
 
 # test_ui_browser's marks: `browser`, and a skip with the reason when there is no chromium.
 pytestmark = test_ui_browser.pytestmark
-CHROMIUM, UI_TIMEOUT_MS = test_ui_browser.CHROMIUM, test_ui_browser.UI_TIMEOUT_MS
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
 )
@@ -37,25 +36,12 @@ POINTER_FRACTIONS = [(0.2, 0.3), (0.5, 0.5), (0.75, 0.8), (0.9, 0.15)]
 CLICK_CLEARANCE_PX = 9  # the page picks the nearest ringed point within 8 px of a click
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
-
-
 class Watched:
     """A page whose every request other than file:// is refused and recorded, and whose console
     errors and uncaught exceptions are recorded."""
 
     def __init__(self, browser) -> None:
-        self.page = browser.new_page(viewport={"width": 1300, "height": 900})
-        self.page.set_default_timeout(UI_TIMEOUT_MS)
+        self.page = test_ui_browser.new_page(browser, width=1300, height=900)
         self.refused: list[str] = []
         self.errors: list[str] = []
         self.page.route("**/*", self._route)
@@ -234,8 +220,7 @@ def test_the_page_works_in_the_mlflow_ui_artifact_view(browser, filled_server, t
         f"{server.url}/#/experiments/{filled_server.experiment_id}/runs/{run_id}"
         "/artifacts/figures/latent_explorer.html"
     )
-    page = browser.new_page(viewport={"width": 1600, "height": 1400})
-    page.set_default_timeout(UI_TIMEOUT_MS)
+    page = test_ui_browser.new_page(browser, width=1600, height=1400)
     try:
         page.goto(url)
         iframe = page.locator("iframe.mlflow-html-iframe")

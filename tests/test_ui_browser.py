@@ -40,6 +40,14 @@ sync_api = pytest.importorskip(
 )
 
 
+def new_page(browser, width: int = 1600, height: int = 1000):  # -> a playwright Page
+    """A page of the `browser` fixture's Chromium (tests/conftest.py) at that viewport, waiting up
+    to UI_TIMEOUT_MS for what it is asked; the caller closes it."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    return page
+
+
 def compare_url(base: str, run_ids: list[str], experiment_id: str) -> str:
     """MLflow 3's compare view, as its Compare button opens it:
     #/compare-runs?runs=["<id>",...]&experiments=["<id>"] (JSON lists, URL-quoted)."""
@@ -125,7 +133,7 @@ def metric_values(page, name: str) -> list[str]:  # a playwright Page
     return cells
 
 
-def test_runs_and_their_comparison_render_in_chromium(filled_server, tmp_path: Path):
+def test_runs_and_their_comparison_render_in_chromium(browser, filled_server, tmp_path: Path):
     server, runs = filled_server.server, filled_server.runs
     # Through REST first: what the pages must show is there.
     assert [r["info"]["status"] for r in runs] == ["FINISHED", "FINISHED"]
@@ -139,59 +147,52 @@ def test_runs_and_their_comparison_render_in_chromium(filled_server, tmp_path: P
 
     expect = sync_api.expect
     screenshots = []
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
-        )
+    page = new_page(browser)
+    try:
+
+        def shoot(name: str) -> None:
+            path = tmp_path / f"{name}.png"
+            page.screenshot(path=path, full_page=True)
+            screenshots.append(path)
+            print(f"screenshot: {path}")
+
+        # The experiment's runs table (its bare URL opens the GenAI overview in MLflow 3).
+        page.goto(f"{server.url}/#/experiments/{filled_server.experiment_id}/runs")
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-
-            def shoot(name: str) -> None:
-                path = tmp_path / f"{name}.png"
-                page.screenshot(path=path, full_page=True)
-                screenshots.append(path)
-                print(f"screenshot: {path}")
-
-            # The experiment's runs table (its bare URL opens the GenAI overview in MLflow 3).
-            page.goto(f"{server.url}/#/experiments/{filled_server.experiment_id}/runs")
-            try:
-                for name in names:
-                    expect(page.get_by_role("link", name=name, exact=True)).to_be_visible(
-                        timeout=UI_TIMEOUT_MS
-                    )
-                expect(page.get_by_text("2 matching runs")).to_be_visible()
-            finally:
-                shoot("experiment_runs")
-
-            page.goto(compare_url(server.url, ids, filled_server.experiment_id))
-            try:
-                expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible(
+            for name in names:
+                expect(page.get_by_role("link", name=name, exact=True)).to_be_visible(
                     timeout=UI_TIMEOUT_MS
                 )
-                for name in names:
-                    expect(page.get_by_text(name, exact=True).first).to_be_visible()
-                # The params table: evaluate.seed is 0 for the first run, 1 for eval-seed-1
-                # (the columns follow the order of the URL's run ids).
-                seed_row = page.locator("tr").filter(
-                    has=page.get_by_text("evaluate.seed", exact=True)
-                )
-                expect(seed_row).to_have_count(1)
-                cells = [c.strip() for c in seed_row.locator("td").all_inner_texts()]
-                assert cells[-2:] == ["0", "1"], cells
-                expect(page.get_by_text("model.latent_dims", exact=True)).to_be_visible()
-                # Metrics with each run's value: a per-epoch one far down the grid (the same for
-                # both runs: one training) and an evaluation one that the seed changes.
-                for metric in ("epoch/test/neg_elbo", "eval/test/neg_elbo"):
-                    shown = [float(text) for text in metric_values(page, metric)]
-                    latest = [latest_metric(run, metric) for run in runs]
-                    assert shown == pytest.approx(latest, rel=2e-3), (metric, shown, latest)
-                evaluated = [latest_metric(run, "eval/test/neg_elbo") for run in runs]
-                assert evaluated[0] != evaluated[1]  # so the columns' order is checked too
-            finally:
-                shoot("compare_runs")
+            expect(page.get_by_text("2 matching runs")).to_be_visible()
         finally:
-            browser.close()
+            shoot("experiment_runs")
+
+        page.goto(compare_url(server.url, ids, filled_server.experiment_id))
+        try:
+            expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible(
+                timeout=UI_TIMEOUT_MS
+            )
+            for name in names:
+                expect(page.get_by_text(name, exact=True).first).to_be_visible()
+            # The params table: evaluate.seed is 0 for the first run, 1 for eval-seed-1
+            # (the columns follow the order of the URL's run ids).
+            seed_row = page.locator("tr").filter(has=page.get_by_text("evaluate.seed", exact=True))
+            expect(seed_row).to_have_count(1)
+            cells = [c.strip() for c in seed_row.locator("td").all_inner_texts()]
+            assert cells[-2:] == ["0", "1"], cells
+            expect(page.get_by_text("model.latent_dims", exact=True)).to_be_visible()
+            # Metrics with each run's value: a per-epoch one far down the grid (the same for
+            # both runs: one training) and an evaluation one that the seed changes.
+            for metric in ("epoch/test/neg_elbo", "eval/test/neg_elbo"):
+                shown = [float(text) for text in metric_values(page, metric)]
+                latest = [latest_metric(run, metric) for run in runs]
+                assert shown == pytest.approx(latest, rel=2e-3), (metric, shown, latest)
+            evaluated = [latest_metric(run, "eval/test/neg_elbo") for run in runs]
+            assert evaluated[0] != evaluated[1]  # so the columns' order is checked too
+        finally:
+            shoot("compare_runs")
+    finally:
+        page.close()
     assert all(path.stat().st_size > 10_000 for path in screenshots), screenshots
 
 
@@ -213,7 +214,7 @@ def first_chart_sections(page, count: int) -> list[str]:  # a playwright Page
 
 
 def test_the_make_ui_link_opens_runs_with_models_datasets_and_curves_first(
-    filled_server, tmp_path: Path
+    browser, filled_server, tmp_path: Path
 ):
     """The link `make ui` prints (tracking.ui_link) opens the runs table in the Model training
     view with each run's datasets and logged model in the Dataset and Models columns; a run's
@@ -239,55 +240,50 @@ def test_the_make_ui_link_opens_runs_with_models_datasets_and_curves_first(
         for run in runs
     ]
     expect = sync_api.expect
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+    page = new_page(browser)
+    try:
+        page.goto(link)
+        try:
+            for run in runs:
+                name = run["info"]["run_name"]
+                expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+            cell = '[role=gridcell][col-id="attributes.`{}`"]'
+            expect(page.locator(cell.format("Models")).first).to_be_visible()
+            shown_models = page.locator(cell.format("Models")).all_inner_texts()
+            assert sorted(shown_models) == sorted(model_names), shown_models
+            shown_datasets = page.get_by_test_id("open-dataset-drawer").all_inner_texts()
+            assert sorted(shown_datasets) == datasets, shown_datasets
+        finally:
+            page.screenshot(path=tmp_path / "ui_link_runs.png", full_page=True)
+            print(f"screenshot: {tmp_path / 'ui_link_runs.png'}")
+
+        run = runs[0]
+        page.goto(
+            f"{server.url}/#/experiments/{filled_server.experiment_id}/runs/"
+            f"{run['info']['run_id']}/model-metrics"
         )
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(link)
-            try:
-                for run in runs:
-                    name = run["info"]["run_name"]
-                    expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
-                cell = '[role=gridcell][col-id="attributes.`{}`"]'
-                expect(page.locator(cell.format("Models")).first).to_be_visible()
-                shown_models = page.locator(cell.format("Models")).all_inner_texts()
-                assert sorted(shown_models) == sorted(model_names), shown_models
-                shown_datasets = page.get_by_test_id("open-dataset-drawer").all_inner_texts()
-                assert sorted(shown_datasets) == datasets, shown_datasets
-            finally:
-                page.screenshot(path=tmp_path / "ui_link_runs.png", full_page=True)
-                print(f"screenshot: {tmp_path / 'ui_link_runs.png'}")
-
-            run = runs[0]
-            page.goto(
-                f"{server.url}/#/experiments/{filled_server.experiment_id}/runs/"
-                f"{run['info']['run_id']}/model-metrics"
-            )
-            try:
-                assert first_chart_sections(page, 3) == [
-                    "epoch/test",
-                    "epoch/train",
-                    "eval/latent",
-                ]
-                # The test negative ELBO curve, a line over the epochs, is in the first screen.
-                legend = f"{run['info']['run_name']} (epoch/test/neg_elbo)"
-                expect(page.get_by_text(legend, exact=True).first).to_be_in_viewport()
-            finally:
-                page.screenshot(path=tmp_path / "ui_model_metrics.png")
-                print(f"screenshot: {tmp_path / 'ui_model_metrics.png'}")
-
-            page.goto(f"{link}&compareRunsMode=CHART")
-            try:
-                assert first_chart_sections(page, 3) == [
-                    "epoch/test",
-                    "epoch/train",
-                    "eval/latent",
-                ]
-            finally:
-                page.screenshot(path=tmp_path / "ui_runs_charts.png")
-                print(f"screenshot: {tmp_path / 'ui_runs_charts.png'}")
+            assert first_chart_sections(page, 3) == [
+                "epoch/test",
+                "epoch/train",
+                "eval/latent",
+            ]
+            # The test negative ELBO curve, a line over the epochs, is in the first screen.
+            legend = f"{run['info']['run_name']} (epoch/test/neg_elbo)"
+            expect(page.get_by_text(legend, exact=True).first).to_be_in_viewport()
         finally:
-            browser.close()
+            page.screenshot(path=tmp_path / "ui_model_metrics.png")
+            print(f"screenshot: {tmp_path / 'ui_model_metrics.png'}")
+
+        page.goto(f"{link}&compareRunsMode=CHART")
+        try:
+            assert first_chart_sections(page, 3) == [
+                "epoch/test",
+                "epoch/train",
+                "eval/latent",
+            ]
+        finally:
+            page.screenshot(path=tmp_path / "ui_runs_charts.png")
+            print(f"screenshot: {tmp_path / 'ui_runs_charts.png'}")
+    finally:
+        page.close()
