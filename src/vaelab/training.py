@@ -156,12 +156,11 @@ def set_output_bias(model: VAE, images: torch.Tensor) -> None:
     for start in range(0, len(images), 10_000):  # bounded memory
         chunk = images[start : start + 10_000]
         total += chunk.flatten(start_dim=1).double().sum(dim=0) / 255
-    mean = (total / len(images)).clamp(0.001, 0.999)
-    bias = torch.log(mean / (1 - mean))  # (784,)
+    mean = (total / len(images)).clamp(0.001, 0.999)  # (784,)
+    if model.arch == "conv":  # ConvTranspose2d to one channel: one bias, from the mean pixel
+        mean = mean.mean().reshape(1)
     last = model.decoder[-1]
-    if model.arch == "conv":  # ConvTranspose2d to one channel: one bias, the logit of the mean
-        bias = torch.logit(mean.mean().clamp(0.001, 0.999), eps=None).reshape(1)
-    last.bias.copy_(bias.to(last.bias.dtype))
+    last.bias.copy_(torch.log(mean / (1 - mean)).to(last.bias.dtype))
 
 
 @dataclass
