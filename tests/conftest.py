@@ -122,10 +122,13 @@ def filled_server(tracking_server, tmp_path_factory):
 def browser():  # a playwright Browser
     """Headless Chromium, launched once per test module for the `browser` tests (their module
     skips, with the reason, when playwright or chromium is missing; tests/test_ui_browser.py)."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
-    from tests.test_ui_browser import CHROMIUM
+    from tests.test_ui_browser import CHROMIUM, UI_TIMEOUT_MS
 
+    # expect()'s own default wait is 5 s, shorter than the UI takes on 2 busy cores: every
+    # assertion waits as long as the pages' own actions (new_page).
+    expect.set_options(timeout=UI_TIMEOUT_MS)
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]

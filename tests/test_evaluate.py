@@ -281,3 +281,75 @@ def test_evaluate_shares_the_test_set_s_terms_among_its_metrics(tiny_params):
     assert metrics["test_iw"]["neg_elbo"] == pytest.approx(
         metrics["test"]["neg_elbo"] + constant, rel=1e-12
     )
+
+
+def test_the_probe_is_fit_on_the_training_set_not_the_test_set(tiny_params):
+    """Three brightness levels, each its own cluster of latent means. The training labels name
+    the levels 0, 1, 2; the test labels name them 1, 2, 0. A probe fit on the training set reads
+    the training names, so it gets every test image wrong; one fit on the test set's own means
+    and labels would score near 1."""
+    vae = _near_deterministic_vae()
+    levels = torch.tensor([20, 128, 235], dtype=torch.uint8)
+
+    def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        level = torch.arange(n) % 3
+        noise = torch.randint(0, 4, (n, 28, 28), generator=torch.Generator().manual_seed(seed))
+        return (levels[level].view(n, 1, 1) + noise.to(torch.uint8)), level
+
+    train, train_level = images(60, 1)
+    test, test_level = images(30, 2)
+    means = ev.latent_means(vae, torch.cat([train, test]))
+    # The fit itself can separate the levels: on the test set's own labels it scores 1.
+    assert ev.probe_accuracy(means[60:], test_level, means[60:], test_level) == 1.0
+    last = {"epoch": 1} | {f"epoch/train/{k}": 1.0 for k in ("neg_elbo", "recon", "kl")}
+
+    metrics = evaluate(vae, tiny_params, (train, train_level), (test, (test_level + 1) % 3), last)
+
+    assert metrics["latent"]["probe_accuracy"] == 0.0
+
+
+def test_active_units_count_variances_above_0_01():
+    """Latent means with known variances (Burda et al. 2016, sec. 5.2: active when
+    Var_x(E_q[z_d]) > 0.01): +-sqrt(v) alternating has population variance v exactly."""
+    variances = torch.tensor([0.002, 0.008, 0.0125, 0.05, 0.2, 1.5], dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(500)  # (1000,)
+    means = (signs[:, None] * variances.sqrt()[None, :] + 3.0).float()  # any offset
+    assert ev.active_units(means) == 4  # 0.0125, 0.05, 0.2, 1.5
+
+
+def test_the_iw_gap_is_the_negative_elbo_minus_the_nll_and_positive():
+    """A random model, whose posterior is far from its approximation: the K = 200 importance-
+    weighted bound is well above the ELBO, so -ELBO - NLL (the gap) is clearly positive."""
+    vae = _seeded_vae(11, latent_dims=2, hidden=(16,))
+    g = torch.Generator().manual_seed(12)
+    images = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8, generator=g)
+    got = ev.importance_weighted_nll(
+        vae, images, likelihood="gaussian", samples=200, generator=torch.Generator().manual_seed(1)
+    )
+    assert got["nll"] < got["neg_elbo"]
+    assert got["gap"] > 0.1
+    assert got["gap"] == pytest.approx(got["neg_elbo"] - got["nll"], rel=1e-9)
+
+
+def test_the_training_numbers_come_from_the_history_s_last_row(tiny_params):
+    """train_last_epoch and epochs are the last epoch's, not the first's."""
+    vae = _seeded_vae(9, latent_dims=2, hidden=(16,))
+    g = torch.Generator().manual_seed(10)
+    train = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8, generator=g)
+    test = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8, generator=g)
+    history = [
+        {"epoch": e, "epoch/train/neg_elbo": 10.0 * e, "epoch/train/recon": 6.0 * e}
+        | {"epoch/train/kl": 4.0 * e}
+        for e in (1, 2, 3)
+    ]
+    metrics = ev.evaluate(
+        vae,
+        tiny_params,
+        train_images=train,
+        test_images=test,
+        history=history,
+        train_labels=torch.arange(20) % 2,
+        test_labels=torch.arange(10) % 2,
+    )
+    assert metrics["epochs"] == 3
+    assert metrics["train_last_epoch"] == {"neg_elbo": 30.0, "recon": 18.0, "kl": 12.0}

@@ -223,8 +223,11 @@ def test_the_page_works_in_the_mlflow_ui_artifact_view(browser, filled_server, t
     page = test_ui_browser.new_page(browser, width=1600, height=1400)
     try:
         page.goto(url)
+        # The UI builds the artifact view after its bundle has loaded and the run's artifacts
+        # have been listed; on a busy 2-core machine that takes longer than expect's own 5 s.
         iframe = page.locator("iframe.mlflow-html-iframe")
-        sync_api.expect(iframe).to_be_visible()
+        iframe.wait_for(state="attached", timeout=test_ui_browser.UI_TIMEOUT_MS)
+        sync_api.expect(iframe).to_be_visible(timeout=test_ui_browser.UI_TIMEOUT_MS)
         frame = iframe.element_handle().content_frame()
         frame.wait_for_function("window.explorer && window.explorer.ready")
         assert frame.url.startswith("blob:"), frame.url

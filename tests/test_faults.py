@@ -393,3 +393,57 @@ def test_a_checkpoint_from_another_device_or_code_is_not_resumed(tmp_path, tiny_
         "the data changed"
         in load_checkpoint(tmp_path / "c.pt", config=config, data_md5={"a": "2"})[1]
     )
+
+
+def _train_stage_param_keys(params: params_mod.Params) -> list[str]:
+    """Every params key the train stage reads, as dvc.yaml lists them (a whole section, or one
+    key): the checkpoint must hold each of them, or a resume would mix two configurations."""
+    listed = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["train"]["params"]
+    flat = params_mod.flatten(params)
+    return [k for k in flat for entry in listed if k == entry or k.startswith(f"{entry}.")]
+
+
+def _another_value(value):
+    """A different value of the same type (the base params below accept each one alone)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2
+    if isinstance(value, list):
+        return [_another_value(value[0]), *value[1:]]
+    return {"none": "dynamic", "bernoulli": "gaussian", "elbo": "iwae", "constant": "burda"}.get(
+        value,
+        {"mlp": "conv", "relu": "tanh", "zero": "data_mean", "cpu": "auto"}.get(
+            value, f"{value}-other"
+        ),
+    )
+
+
+def test_a_checkpoint_is_not_resumed_when_any_param_train_reads_changed(tmp_path, tiny_params):
+    """For each key of dvc.yaml's train params (loss.beta and loss.objective among them), a
+    checkpoint written before the change is not resumed, and the reason names the key."""
+    from vaelab.checkpoints import CheckpointFile
+
+    base = dataclasses.replace(
+        tiny_params, loss=dataclasses.replace(tiny_params.loss, likelihood="bernoulli")
+    )
+    checksums = {"files": {"a": {"md5": "1" * 32}}}
+    path, cpu = tmp_path / "c.pt", torch.device("cpu")
+    CheckpointFile.of(path, params=base, device=cpu, checksums=checksums).save(
+        {"epoch": 1, "history": []}, "run"
+    )
+    assert CheckpointFile.of(path, params=base, device=cpu, checksums=checksums).load()[0]
+    keys = _train_stage_param_keys(base)
+    assert {"loss.beta", "loss.objective", "train.lr", "data.binarize"} <= set(keys)
+    for key in keys:
+        raw = dataclasses.asdict(base)
+        section, name = key.split(".")
+        raw[section][name] = _another_value(params_mod.flatten(base)[key])
+        changed = params_mod.parse(raw)
+        resume, why = CheckpointFile.of(
+            path, params=changed, device=cpu, checksums=checksums
+        ).load()
+        assert resume is None, key
+        assert f"{key}: " in why, (key, why)

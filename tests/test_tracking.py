@@ -289,3 +289,36 @@ def test_dataset_digests_follow_the_bytes_and_names_the_binarisation():
         "mnist train (dynamic binarisation)",
         "mnist test (binarised, fixed seed)",
     }
+
+
+def test_a_sweep_s_runs_are_children_of_its_parent_run(store, tmp_path, tiny_params):
+    """With mlflow.sweep set to a label whose parent run was started (make sweep does it first),
+    the train run and a run rebuilt by record both carry the parent's id as mlflow.parentRunId;
+    a run of another label, or of none, carries none."""
+    import dataclasses
+
+    def with_sweep(label: str):
+        return dataclasses.replace(
+            tiny_params, mlflow=dataclasses.replace(tiny_params.mlflow, sweep=label)
+        )
+
+    experiment = tiny_params.mlflow.experiment
+    parent = tracking.start_sweep(experiment, "dims-1", {"model.latent_dims": "2,3"})
+    other = tracking.start_sweep(experiment, "dims-2", {"model.latent_dims": "4,5"})
+    assert parent != other
+    assert store.get_run(parent).data.tags["mlflow.runName"] == "dims-1"
+
+    child = _train_run(with_sweep("dims-1"))
+    assert store.get_run(child).data.tags["mlflow.parentRunId"] == parent
+    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, child)
+    outputs.history.write_text("epoch\n1\n")
+    # An evaluate param changed: record rebuilds a new run, which must stay in the sweep.
+    changed = dataclasses.replace(
+        with_sweep("dims-1"), evaluate=dataclasses.replace(tiny_params.evaluate, seed=9)
+    )
+    rebuilt = tracking.record(changed, outputs, HISTORY)
+    assert rebuilt != child
+    assert store.get_run(rebuilt).data.tags["mlflow.parentRunId"] == parent
+
+    assert store.get_run(_train_run(with_sweep("dims-2"))).data.tags["mlflow.parentRunId"] == other
+    assert "mlflow.parentRunId" not in store.get_run(_train_run(tiny_params)).data.tags

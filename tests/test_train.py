@@ -311,3 +311,67 @@ def test_main_gives_back_the_signal_handlers_it_found(tmp_path, fake_data_dir, m
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_an_epoch_s_row_is_the_plain_loop_s_means_and_the_test_set_s_elbo(
+    tiny_params, fake_data_dir
+):
+    """One epoch's history row against the plain loop written out: the training columns are the
+    loop's per-image 0.5 * SSE and KL summed over every step and divided by the number of images
+    (333: the last batch is smaller, so batches x batch size would be wrong); the test columns are
+    the trained model's ELBO on the test images, here a darker set than the training set, so
+    that a pass over the wrong images shows (KL in closed form; recon is one noisy sample)."""
+    params = dataclasses.replace(
+        tiny_params, train=dataclasses.replace(tiny_params.train, epochs=1)
+    )
+    cfg = params.train
+    images, _ = load_split(fake_data_dir, train=True)
+    g = torch.Generator().manual_seed(3)
+    dark = (torch.rand(80, 28, 28, generator=g).pow(4) * 255).to(torch.uint8)
+    model, history = train_model(params, images, dark, device=torch.device("cpu"))
+    (row,) = history
+
+    torch.manual_seed(cfg.seed)  # initial weights, then the noise, from the global RNG
+    from vaelab.model import VAE
+
+    reference = VAE(**params.model.architecture())
+    optimizer = torch.optim.Adam(reference.parameters(), lr=cfg.lr)
+    permutation = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
+    recon_sum, kl_sum = 0.0, 0.0
+    for start in range(0, len(images), cfg.batch_size):
+        x = images[permutation[start : start + cfg.batch_size]].unsqueeze(1).float() / 255
+        eps = torch.randn(len(x), params.model.latent_dims)
+        mu, logvar = reference.encode(x)
+        mean = torch.sigmoid(reference.decode(mu + (0.5 * logvar).exp() * eps))
+        recon = 0.5 * (x - mean).pow(2).flatten(1).sum(1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)  # Kingma & Welling, App. B
+        recon_sum += recon.sum().item()
+        kl_sum += kl.sum().item()
+        optimizer.zero_grad()
+        (recon + kl).mean().backward()
+        optimizer.step()
+    n = len(images)
+    assert row["epoch/train/recon"] == pytest.approx(recon_sum / n, rel=1e-5)
+    assert row["epoch/train/kl"] == pytest.approx(kl_sum / n, rel=1e-5)
+    assert row["epoch/train/loss"] == pytest.approx((recon_sum + kl_sum) / n, rel=1e-5)
+    assert row["epoch/train/images"] == n
+
+    def elbo_terms(images: torch.Tensor) -> tuple[float, float]:
+        """Mean recon (one sample of this test's own noise) and KL (exact) of ``images``."""
+        with torch.no_grad():
+            x = images.unsqueeze(1).float() / 255
+            mu, logvar = reference.encode(x)
+            eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(99))
+            mean = torch.sigmoid(reference.decode(mu + (0.5 * logvar).exp() * eps))
+            recon = 0.5 * (x - mean).pow(2).flatten(1).sum(1)
+            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+        return recon.double().mean().item(), kl.double().mean().item()
+
+    test_recon, test_kl = elbo_terms(dark)
+    train_recon, train_kl = elbo_terms(images)
+    assert row["epoch/test/kl"] == pytest.approx(test_kl, rel=1e-4)
+    assert row["epoch/test/recon"] == pytest.approx(test_recon, rel=0.02)
+    assert row["epoch/test/neg_elbo"] == pytest.approx(test_recon + test_kl, rel=0.02)
+    # The two sets are far apart, beyond those tolerances: the wrong set would fail above.
+    assert abs(train_kl - test_kl) > 0.1 * test_kl
+    assert abs(train_recon - test_recon) > 0.1 * test_recon
