@@ -24,7 +24,7 @@ test: $(VENV)/.installed-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 ui: $(VENV)/.installed
-	$(BIN)/python -m vaelab.tracking --port $(PORT) \
+	$(BIN)/python -m vaelab.tracking.ui --port $(PORT) \
 		--experiment "$$($(BIN)/python -c 'from vaelab.params import load; print(load("params.yaml").mlflow.experiment)')"
 
 # The tutorial's training loop vs vaelab's on real MNIST (prepared by DVC first). Add arguments

@@ -8,8 +8,11 @@ import csv
 import matplotlib
 import pytest
 
-from vaelab import compare, tracking
+from vaelab import compare
 from vaelab.errors import VaelabError
+from vaelab.tracking.queries import find_runs
+from vaelab.tracking.store import connect
+from vaelab.tracking.sweeps import fail_sweep, start_sweep
 
 matplotlib.use("Agg")
 
@@ -25,7 +28,7 @@ def store(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    client, experiment_id = tracking.connect("vaelab")
+    client, experiment_id = connect("vaelab")
     scatter = tmp_path / "latent_scatter.png"
     plt.imsave(scatter, [[0.0, 1.0], [1.0, 0.0]])
     for latent, (neg_elbo, nll) in RUNS.items():
@@ -82,12 +85,12 @@ def test_table_figures_and_comparison_run(store):
     assert logged.info.run_name == "comparison" and logged.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id, "comparison")}
     assert artifacts == {f"comparison/{name}" for name in names}
-    again = tracking.find_runs("vaelab")
+    again = find_runs("vaelab")
     assert sorted(again["tags.mlflow.runName"]) == ["z10", "z2", "z5"]
 
 
 def test_run_ids_descending_and_errors(store):
-    runs = tracking.find_runs("vaelab")
+    runs = find_runs("vaelab")
     ids = list(runs["run_id"][:2])
     report = store / "c.md"
     compare.compare(
@@ -124,17 +127,17 @@ def test_run_ids_descending_and_errors(store):
 def test_a_sweep_whose_comparison_fails_ends_its_parent_failed(store):
     """`make sweep` passes --sweep: when an experiment of the sweep failed (fewer runs than
     queued), the parent run ends FAILED with the reason as its note instead of staying RUNNING."""
-    parent = tracking.start_sweep("vaelab", "s1", {"model.latent_dims": "2,5,10,20"})
+    parent = start_sweep("vaelab", "s1", {"model.latent_dims": "2,5,10,20"})
     args = ["--params", "unused.yaml", "--experiment", "vaelab", "--report", str(store / "c.md")]
     args += ["--figures", str(store / "f"), "--filter", "tags.sweep = 's1'"]
     with pytest.raises(VaelabError, match="expected 4 FINISHED runs"):
         compare.main([*args, "--expect-runs", "4", "--sweep", "s1"])
-    client, _ = tracking.connect("vaelab")
+    client, _ = connect("vaelab")
     run = client.get_run(parent)
     assert run.info.status == "FAILED"
     assert "expected 4 FINISHED runs" in run.data.tags["mlflow.note.content"]
     # A sweep that compares is finished by compare, as before.
-    other = tracking.start_sweep("vaelab", "s2", {"train.seed": "1,2"})
+    other = start_sweep("vaelab", "s2", {"train.seed": "1,2"})
     compare.main([*args, "--expect-runs", "3", "--sweep", "s2", "--no-log"])
     assert client.get_run(other).info.status == "RUNNING"  # --no-log: nothing to finish it with
-    assert tracking.fail_sweep("vaelab", "s1", "again") is False  # ended once, not twice
+    assert fail_sweep("vaelab", "s1", "again") is False  # ended once, not twice

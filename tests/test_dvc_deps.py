@@ -15,7 +15,14 @@ from vaelab import imports
 
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
 # Commands with a main() that are not DVC stages (Makefile targets).
-COMMANDS = ("vaelab.bench", "vaelab.compare", "vaelab.presets", "vaelab.register", "vaelab.sweep")
+COMMANDS = (
+    "vaelab.bench",
+    "vaelab.compare",
+    "vaelab.presets",
+    "vaelab.register",
+    "vaelab.sweep",
+    "vaelab.tracking.ui",
+)
 
 
 def stage_module(stage: dict) -> str:

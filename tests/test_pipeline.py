@@ -30,9 +30,9 @@ import yaml
 
 from tests.conftest import N_TEST, N_TRAIN, PROJECT, TINY, write_fake_mnist
 from vaelab import params as params_mod
-from vaelab import tracking
 from vaelab.history import METRICS as PER_EPOCH
 from vaelab.plot import FIGURES
+from vaelab.tracking.record import COUNTS
 
 EXPERIMENT = "vaelab"
 EVAL_METRICS = [
@@ -147,8 +147,7 @@ def assert_complete(repo: Path, run_, params_file: Path) -> None:
     # Counts are tags, never metrics; the data are the run's dataset inputs; MLflow's own
     # source tags fill the UI's Source column.
     assert (
-        not set(tracking.COUNTS) & set(run_.data.metrics)
-        and "epoch/train/images" not in run_.data.metrics
+        not set(COUNTS) & set(run_.data.metrics) and "epoch/train/images" not in run_.data.metrics
     )
     assert tags["eval.images.train"] == tags["train.images_per_epoch"] == str(N_TRAIN)
     assert tags["eval.images.test"] == str(N_TEST)

@@ -1,4 +1,4 @@
-"""vaelab.register on a private store filled by tracking.record: the best run's model becomes a
+"""vaelab.register on a private store filled by record: the best run's model becomes a
 version of the registered model with the alias on it; the alias moves only for a better run;
 what cannot be registered is a one-line error."""
 
@@ -14,15 +14,19 @@ import pytest
 
 from tests import test_tracking
 from tests.test_tracking import CHECKSUMS, HISTORY, PARAMS_FILE, _outputs, _train_run
-from vaelab import register, tracking
+from vaelab import register
 from vaelab.errors import VaelabError
+from vaelab.tracking.models import MODEL_TAG
+from vaelab.tracking.record import FINGERPRINT_TAG, PipelineOutputs, record
+from vaelab.tracking.registry import register_best
+from vaelab.tracking.store import connect
 
 store = test_tracking.store  # the fixture: a private SQLite store, DVC variables cleared
 
 URI = "models:/vaelab-vae@champion"
 
 
-def _result(tmp_path, params, nll: float) -> tracking.PipelineOutputs:
+def _result(tmp_path, params, nll: float) -> PipelineOutputs:
     """A trained run and the pipeline's outputs for it, with IW-NLL ``nll``, not yet recorded."""
     outputs = _outputs(tmp_path, params, CHECKSUMS, _train_run(params))
     outputs.history.write_text("epoch\n1\n")
@@ -33,7 +37,7 @@ def _result(tmp_path, params, nll: float) -> tracking.PipelineOutputs:
 
 def _record(tmp_path, params, nll: float) -> str:
     """A complete run (recorded, with its MLflow model) whose IW-NLL is ``nll``; its id."""
-    return tracking.record(params, _result(tmp_path, params, nll), HISTORY)
+    return record(params, _result(tmp_path, params, nll), HISTORY)
 
 
 def _register(capsys, *args: str) -> str:
@@ -56,7 +60,7 @@ def test_the_alias_follows_the_best_run_and_only_moves_for_a_better_one(
     out = _register(capsys)
     assert f"{URI} -> version 1, a new version (run {better}, eval/test_iw/nll = 85)" in out
     assert _champion(store).run_id == better
-    model_uri = store.get_run(better).data.tags[tracking.MODEL_TAG]
+    model_uri = store.get_run(better).data.tags[MODEL_TAG]
     assert _champion(store).source == model_uri  # the run's logged model
 
     # Nothing better since: no new version.
@@ -91,54 +95,54 @@ def test_nothing_to_register_is_an_error_that_names_the_problem(store):
     from mlflow.entities import Metric
 
     with pytest.raises(VaelabError, match="no MLflow experiment 'vaelab'"):
-        tracking.register_best("vaelab")
-    client, experiment_id = tracking.connect("vaelab")
+        register_best("vaelab")
+    client, experiment_id = connect("vaelab")
     client.create_run(experiment_id)  # RUNNING: not a finished run
     with pytest.raises(VaelabError, match="no FINISHED training run in experiment 'vaelab'"):
-        tracking.register_best("vaelab")
+        register_best("vaelab")
 
     # A finished run with another metric and, as recorded before runs got a model, no model tag.
     run_id = client.create_run(experiment_id).info.run_id
     client.log_batch(run_id, metrics=[Metric("eval/test/neg_elbo", 90.0, 0, 0)])
     client.set_terminated(run_id, "FINISHED")
     with pytest.raises(VaelabError) as error:
-        tracking.register_best("vaelab")
+        register_best("vaelab")
     assert str(error.value) == (
         "no FINISHED run has the metric 'eval/test_iw/nll'; choose --metric from: "
         "eval/test/neg_elbo."
     )
     with pytest.raises(VaelabError, match=rf"best run {run_id} .* has no logged MLflow model"):
-        tracking.register_best("vaelab", metric="eval/test/neg_elbo")
+        register_best("vaelab", metric="eval/test/neg_elbo")
 
 
 def test_a_run_without_a_model_is_refused_until_recorded_again(store, tmp_path, tiny_params):
     outputs = _result(tmp_path, tiny_params, 85.0)
-    run_id = tracking.record(tiny_params, outputs, HISTORY)
+    run_id = record(tiny_params, outputs, HISTORY)
     # As recorded before runs got a model: no model tag, a fingerprint of the older standard.
-    store.delete_tag(run_id, tracking.MODEL_TAG)
-    store.set_tag(run_id, tracking.FINGERPRINT_TAG, "0" * 64)
+    store.delete_tag(run_id, MODEL_TAG)
+    store.set_tag(run_id, FINGERPRINT_TAG, "0" * 64)
     with pytest.raises(VaelabError) as error:
-        tracking.register_best("vaelab")
+        register_best("vaelab")
     message = str(error.value)
     assert "Run `dvc repro`" in message and "to record it again with its model" in message
     # The filter the message suggests leaves such runs out.
     hint = message[message.index('--filter "') + 10 : message.rindex('"')]
     with pytest.raises(VaelabError, match="no FINISHED training run .* matching"):
-        tracking.register_best("vaelab", filter_string=hint)
+        register_best("vaelab", filter_string=hint)
     # record does not take that run for this result any more: it rebuilds one with a model,
     # which register prefers to the older run it ties with.
-    again = tracking.record(tiny_params, outputs, HISTORY)
-    assert again != run_id and tracking.MODEL_TAG in store.get_run(again).data.tags
-    done = tracking.register_best("vaelab")
+    again = record(tiny_params, outputs, HISTORY)
+    assert again != run_id and MODEL_TAG in store.get_run(again).data.tags
+    done = register_best("vaelab")
     assert (done.run_id, done.version, done.new_version) == (again, "1", True)
     # A name or alias MLflow refuses is an error naming the option; no version is added.
     with pytest.raises(VaelabError, match="cannot register .*'latest'.*Choose another --name"):
-        tracking.register_best("vaelab", alias="latest")
+        register_best("vaelab", alias="latest")
     assert _versions(store) == ["1"]
 
 
 def test_the_command_fails_with_one_line_and_exit_status_2(store, tmp_path):
-    tracking.connect("vaelab")  # an empty experiment
+    connect("vaelab")  # an empty experiment
     env = os.environ | {"MLFLOW_TRACKING_URI": store.tracking_uri}
     done = subprocess.run(
         [sys.executable, "-m", "vaelab.register", "--params", str(PARAMS_FILE)],

@@ -14,9 +14,10 @@ import pytest
 
 from tests.test_pipeline import EVAL_METRICS, EXPERIMENT, PER_EPOCH
 from vaelab import params as params_mod
-from vaelab import tracking
 from vaelab.files import md5_of
 from vaelab.plot import FIGURES
+from vaelab.tracking import ui
+from vaelab.tracking.store import connect
 
 
 def _artifact_files(store, run: dict, folder: str) -> dict[str, int]:
@@ -116,7 +117,7 @@ def test_an_experiment_created_meanwhile_by_another_process_is_used(tracking_ser
 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", not_there_yet)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
-    _, experiment_id = tracking.connect(name)
+    _, experiment_id = connect(name)
     assert experiment_id == created
     assert calls == [name, name]
 
@@ -134,9 +135,9 @@ def test_make_ui_serves_the_local_store_when_the_uri_is_a_server(tmp_path, monke
         executed.append(argv)
         raise SystemExit(0)
 
-    monkeypatch.setattr(tracking.os, "execv", exec_instead)
+    monkeypatch.setattr(ui.os, "execv", exec_instead)
     with pytest.raises(SystemExit):
-        tracking.ui_main(["--port", "5998"])
+        ui.main(["--port", "5998"])
     (argv,) = executed
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert "tracking server http://127.0.0.1:5999" in capsys.readouterr().out
@@ -146,13 +147,13 @@ def test_make_ui_links_the_experiment_s_runs_in_the_model_training_view(tmp_path
     """The UI opens in its GenAI view; the link `make ui` prints opens the experiment's runs
     with workflowType=machine_learning (read from the page's address by the UI's bundle)."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    assert tracking.ui_link("http://127.0.0.1:5000", uri, "vaelab") == (
+    assert ui.ui_link("http://127.0.0.1:5000", uri, "vaelab") == (
         "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
     )
     assert not (tmp_path / "store.db").exists(), "printing a link creates no store"
     from mlflow.tracking import MlflowClient
 
     experiment_id = MlflowClient(tracking_uri=uri).create_experiment("vaelab")
-    assert tracking.ui_link("http://127.0.0.1:5000", uri, "vaelab") == (
+    assert ui.ui_link("http://127.0.0.1:5000", uri, "vaelab") == (
         f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     )

@@ -1,4 +1,4 @@
-"""tracking.record on its own: when it completes, rebuilds or leaves a run alone."""
+"""record on its own: when it completes, rebuilds or leaves a run alone."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import torch
 
 from tests.conftest import PROJECT
 from vaelab import params as params_mod
-from vaelab import tracking
 from vaelab.history import COLUMNS as HISTORY_COLUMNS
 from vaelab.history import METRICS as HISTORY_METRICS
 from vaelab.model import VAE, load, save
+from vaelab.tracking.models import MODEL_TAG
+from vaelab.tracking.record import FINGERPRINT_TAG, SOURCE_RUN_TAG, PipelineOutputs, record
+from vaelab.tracking.run import training_run
+from vaelab.tracking.sweeps import start_sweep
+from vaelab.tracking.tags import changed_params, dataset_inputs
 
 
 @pytest.fixture
@@ -32,10 +36,10 @@ def store(tmp_path, monkeypatch):
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store.db'}")
 
 
-def _outputs(tmp_path, params, checksums, run_id) -> tracking.PipelineOutputs:
+def _outputs(tmp_path, params, checksums, run_id) -> PipelineOutputs:
     folder = tmp_path / "outputs"
     (folder / "figures").mkdir(parents=True, exist_ok=True)
-    outputs = tracking.PipelineOutputs(
+    outputs = PipelineOutputs(
         params_file=folder / "params.yaml",
         run_info=folder / "run.json",
         checksums=folder / "checksums.json",
@@ -66,13 +70,13 @@ CHECKSUMS = {"source": "custom", "files": {"a": {"md5": "0" * 32}}}
 
 
 def _train_run(params) -> str:
-    with tracking.training_run(params, CHECKSUMS, device="cpu", params_file=PARAMS_FILE) as run:
+    with training_run(params, CHECKSUMS, device="cpu", params_file=PARAMS_FILE) as run:
         for row in HISTORY:
             run.log_epoch(row)
     return run.run_id
 
 
-def assert_recorded(store, run_id: str, params, outputs: tracking.PipelineOutputs) -> None:
+def assert_recorded(store, run_id: str, params, outputs: PipelineOutputs) -> None:
     """The completeness table of test_pipeline.py, checked here in the fast tier: status, every
     param, every epoch of every history column, the evaluation metrics, the figures, the model
     and the reports, the fingerprint last."""
@@ -106,9 +110,9 @@ def assert_recorded(store, run_id: str, params, outputs: tracking.PipelineOutput
         run_id=run_id, artifact_path="model/vae.pt", tracking_uri=store.tracking_uri
     )
     assert Path(model).read_bytes() == outputs.model.read_bytes()
-    assert tracking.FINGERPRINT_TAG in run.data.tags
+    assert FINGERPRINT_TAG in run.data.tags
     # The MLflow model: linked to the run, carrying the evaluation metrics, with a signature.
-    logged = store.get_logged_model(run.data.tags[tracking.MODEL_TAG].removeprefix("models:/"))
+    logged = store.get_logged_model(run.data.tags[MODEL_TAG].removeprefix("models:/"))
     assert logged.source_run_id == run_id
     assert {m.key: m.value for m in logged.metrics}["eval/test/neg_elbo"] == 21.5
     info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
@@ -122,14 +126,14 @@ def test_record_completes_then_is_idempotent_then_sees_new_figures(store, tmp_pa
     run_id = _train_run(tiny_params)
     outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
     outputs.history.write_text("epoch\n1\n")
-    assert tracking.record(tiny_params, outputs, HISTORY) == run_id
+    assert record(tiny_params, outputs, HISTORY) == run_id
     assert_recorded(store, run_id, tiny_params, outputs)
-    assert tracking.record(tiny_params, outputs, HISTORY) == run_id  # nothing changed
+    assert record(tiny_params, outputs, HISTORY) == run_id  # nothing changed
     # A re-drawn figure (plot code changed, same params) is a new result: a new, complete run.
     (outputs.figures / "loss_curve.png").write_bytes(b"png two")
-    rebuilt = tracking.record(tiny_params, outputs, HISTORY)
+    rebuilt = record(tiny_params, outputs, HISTORY)
     assert rebuilt != run_id
-    assert store.get_run(rebuilt).data.tags[tracking.SOURCE_RUN_TAG] == run_id
+    assert store.get_run(rebuilt).data.tags[SOURCE_RUN_TAG] == run_id
     assert_recorded(store, rebuilt, tiny_params, outputs)
 
 
@@ -148,10 +152,10 @@ def test_a_failed_upload_leaves_no_fingerprint_and_the_next_record_finishes(
 
     monkeypatch.setattr(MlflowClient, "log_artifact", broken)
     with pytest.raises(OSError):
-        tracking.record(tiny_params, outputs, HISTORY)
-    assert tracking.FINGERPRINT_TAG not in store.get_run(run_id).data.tags
+        record(tiny_params, outputs, HISTORY)
+    assert FINGERPRINT_TAG not in store.get_run(run_id).data.tags
     monkeypatch.setattr(MlflowClient, "log_artifact", original)
-    assert tracking.record(tiny_params, outputs, HISTORY) == run_id
+    assert record(tiny_params, outputs, HISTORY) == run_id
     assert_recorded(store, run_id, tiny_params, outputs)
 
 
@@ -165,7 +169,7 @@ def test_a_superseded_train_run_does_not_stay_running(store, tmp_path, tiny_para
     changed = dataclasses.replace(
         tiny_params, evaluate=dataclasses.replace(tiny_params.evaluate, seed=9)
     )
-    rebuilt = tracking.record(changed, outputs, HISTORY)
+    rebuilt = record(changed, outputs, HISTORY)
     assert rebuilt != run_id
     old = store.get_run(run_id)
     assert old.info.status == "KILLED" and old.data.tags["vaelab.superseded_by"] == rebuilt
@@ -176,9 +180,7 @@ def test_a_superseded_train_run_does_not_stay_running(store, tmp_path, tiny_para
 def test_training_run_is_failed_with_the_reason(store, tiny_params):
     with (
         pytest.raises(RuntimeError),
-        tracking.training_run(
-            tiny_params, CHECKSUMS, device="cpu", params_file=PARAMS_FILE
-        ) as run,
+        training_run(tiny_params, CHECKSUMS, device="cpu", params_file=PARAMS_FILE) as run,
     ):
         raise RuntimeError("loss exploded")
     failed = store.get_run(run.run_id)
@@ -200,14 +202,14 @@ def test_changed_params_against_the_committed_file(tmp_path, monkeypatch, tiny_p
     for cmd in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "base"]):
         subprocess.run([*git, *cmd], cwd=repo, check=True)
     base = params_mod.load(repo / "params.yaml")
-    assert tracking.changed_params(base, repo / "params.yaml", "HEAD") == ""
-    assert tracking.changed_params(tiny_params, repo / "params.yaml", "HEAD") == (
+    assert changed_params(base, repo / "params.yaml", "HEAD") == ""
+    assert changed_params(tiny_params, repo / "params.yaml", "HEAD") == (
         "data.source=custom, model.hidden=[64], train.epochs=2, train.batch_size=32, "
         "train.device=cpu, evaluate.iw_samples=8, plot.line_count=4, plot.grid_size=4, "
         "plot.recon_count=4"
     )
-    assert tracking.changed_params(base, repo / "params.yaml", "no-such-rev") is None
-    assert tracking.changed_params(base, tmp_path / "elsewhere.yaml", "HEAD") is None
+    assert changed_params(base, repo / "params.yaml", "no-such-rev") is None
+    assert changed_params(base, tmp_path / "elsewhere.yaml", "HEAD") is None
 
 
 # Loads the model in a Python where `import vaelab` fails (the project's src/ is taken off the
@@ -229,13 +231,13 @@ assert not vaelab.__file__.startswith(sys.argv[3]), vaelab.__file__
 """
 
 
-def recorded_model(store, tmp_path, params) -> tuple[tracking.PipelineOutputs, str]:
+def recorded_model(store, tmp_path, params) -> tuple[PipelineOutputs, str]:
     """A complete run recorded from fake outputs with a real tiny model: (outputs, model URI)."""
     run_id = _train_run(params)
     outputs = _outputs(tmp_path, params, CHECKSUMS, run_id)
     outputs.history.write_text("epoch\n1\n")
-    tracking.record(params, outputs, HISTORY)
-    return outputs, store.get_run(run_id).data.tags[tracking.MODEL_TAG]
+    record(params, outputs, HISTORY)
+    return outputs, store.get_run(run_id).data.tags[MODEL_TAG]
 
 
 def test_the_logged_model_predicts_latent_means_without_vaelab(store, tmp_path, tiny_params):
@@ -273,7 +275,7 @@ def test_dataset_digests_follow_the_bytes_and_names_the_binarisation():
     checksums = {"source": "mnist", "files": files}
 
     def by_name(checksums, binarize="none"):
-        return {i.dataset.name: i.dataset for i in tracking.dataset_inputs(checksums, binarize)}
+        return {i.dataset.name: i.dataset for i in dataset_inputs(checksums, binarize)}
 
     first, again = by_name(checksums), by_name(json.loads(json.dumps(checksums)))
     assert set(first) == {"mnist train", "mnist test"}
@@ -303,8 +305,8 @@ def test_a_sweep_s_runs_are_children_of_its_parent_run(store, tmp_path, tiny_par
         )
 
     experiment = tiny_params.mlflow.experiment
-    parent = tracking.start_sweep(experiment, "dims-1", {"model.latent_dims": "2,3"})
-    other = tracking.start_sweep(experiment, "dims-2", {"model.latent_dims": "4,5"})
+    parent = start_sweep(experiment, "dims-1", {"model.latent_dims": "2,3"})
+    other = start_sweep(experiment, "dims-2", {"model.latent_dims": "4,5"})
     assert parent != other
     assert store.get_run(parent).data.tags["mlflow.runName"] == "dims-1"
 
@@ -316,7 +318,7 @@ def test_a_sweep_s_runs_are_children_of_its_parent_run(store, tmp_path, tiny_par
     changed = dataclasses.replace(
         with_sweep("dims-1"), evaluate=dataclasses.replace(tiny_params.evaluate, seed=9)
     )
-    rebuilt = tracking.record(changed, outputs, HISTORY)
+    rebuilt = record(changed, outputs, HISTORY)
     assert rebuilt != child
     assert store.get_run(rebuilt).data.tags["mlflow.parentRunId"] == parent
 

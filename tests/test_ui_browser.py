@@ -216,15 +216,15 @@ def first_chart_sections(page, count: int) -> list[str]:  # a playwright Page
 def test_the_make_ui_link_opens_runs_with_models_datasets_and_curves_first(
     browser, filled_server, tmp_path: Path
 ):
-    """The link `make ui` prints (tracking.ui_link) opens the runs table in the Model training
+    """The link `make ui` prints (tracking.ui.ui_link) opens the runs table in the Model training
     view with each run's datasets and logged model in the Dataset and Models columns; a run's
     Model metrics tab and the runs' chart view then start with the per-epoch curves (their
     `epoch/...` names sort first, docs/tracking.md)."""
-    from vaelab import tracking
+    from vaelab.tracking.ui import ui_link
 
     server, runs = filled_server.server, filled_server.runs
     experiment = server.get("experiments/get", experiment_id=filled_server.experiment_id)
-    link = tracking.ui_link(server.url, server.url, experiment["experiment"]["name"])
+    link = ui_link(server.url, server.url, experiment["experiment"]["name"])
     assert link.endswith("/runs?workflowType=machine_learning"), link
     # What the columns must show, through REST: each run's datasets and its logged model.
     datasets = sorted(

@@ -29,8 +29,10 @@ from pathlib import Path
 import pandas as pd
 
 from vaelab import params as params_mod
-from vaelab import tracking
 from vaelab.errors import VaelabError, run_stage
+from vaelab.tracking.comparison import log_comparison
+from vaelab.tracking.queries import RANK_METRIC, download_artifact, find_runs, metric_history
+from vaelab.tracking.sweeps import fail_sweep
 
 # Per-epoch metrics (their last value is the final one) and evaluation metrics, in table order;
 # a column appears only when some selected run has it.
@@ -46,7 +48,7 @@ METRIC_PREFIXES = (
     "eval/latent/probe_accuracy",
 )
 CURVE_METRIC = "epoch/test/neg_elbo"
-DEFAULT_METRIC = tracking.RANK_METRIC  # also make register's
+DEFAULT_METRIC = RANK_METRIC  # also make register's
 
 
 def varying_and_constant(runs: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
@@ -117,7 +119,7 @@ def build_table(
     for name in metric_columns(runs, metric):
         table[name] = runs[f"metrics.{name}"]
     table["epoch_seconds"] = [
-        pd.Series([v for _, v in tracking.metric_history(run_id, "epoch_seconds")]).median()
+        pd.Series([v for _, v in metric_history(run_id, "epoch_seconds")]).median()
         for run_id in runs["run_id"]
     ]
     table = table.sort_values(metric, ascending=not descending, na_position="last")
@@ -172,7 +174,7 @@ def plot_curves(table: pd.DataFrame, params: list[str], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for _, row in table.iterrows():
-        history = tracking.metric_history(row["run_id"], CURVE_METRIC)
+        history = metric_history(row["run_id"], CURVE_METRIC)
         if history:
             ax.plot(*zip(*history, strict=True), marker=".", label=_label(row, params))
     ax.set(xlabel="epoch", ylabel=f"{CURVE_METRIC} (nats/image)", title="Test negative ELBO")
@@ -223,7 +225,7 @@ def plot_latents(table: pd.DataFrame, params: list[str], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
     with tempfile.TemporaryDirectory() as scratch:
         for ax, (i, row) in zip(axes.flat, table.iterrows(), strict=False):
-            local = tracking.download_artifact(
+            local = download_artifact(
                 row["run_id"], "figures/latent_scatter.png", Path(scratch) / str(i)
             )
             if local is not None:
@@ -250,7 +252,7 @@ def compare(
     expect_runs: int | None = None,
 ) -> list[Path]:
     """Write the report, its CSV and the figures, log them to a comparison run; return them."""
-    runs = tracking.find_runs(experiment, filter_string, list(run_ids))
+    runs = find_runs(experiment, filter_string, list(run_ids))
     if runs.empty:
         where = f" matching {filter_string!r}" if filter_string else ""
         raise VaelabError(f"no FINISHED runs in experiment '{experiment}'{where}.")
@@ -278,7 +280,7 @@ def compare(
         column = runs.get("tags.mlflow.parentRunId")
         one_parent = column is not None and column.notna().all() and column.nunique() == 1
         parent = str(column.iloc[0]) if one_parent else None
-        run_id = tracking.log_comparison(experiment, files, list(table["run_id"]), parent)
+        run_id = log_comparison(experiment, files, list(table["run_id"]), parent)
         print(f"compare: logged to MLflow run {run_id} (artifacts under comparison/)")
     print(f"compare: {len(table)} runs -> {report}, {csv_path}, figures in {figures}")
     return files
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     except VaelabError as error:
         # A sweep whose comparison cannot be made (an experiment failed) ends its parent run,
         # which would otherwise stay RUNNING in the UI.
-        if args.sweep and tracking.fail_sweep(experiment, args.sweep, str(error)):
+        if args.sweep and fail_sweep(experiment, args.sweep, str(error)):
             print(f"compare: sweep '{args.sweep}' parent run marked FAILED", file=sys.stderr)
         raise
 

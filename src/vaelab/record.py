@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vaelab import history, tracking
+from vaelab import history
 from vaelab import params as params_mod
 from vaelab.errors import run_stage
+from vaelab.tracking.record import PipelineOutputs, record
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = params_mod.load(args.params)
-    outputs = tracking.PipelineOutputs(
+    outputs = PipelineOutputs(
         params_file=args.params,
         run_info=args.run_info,
         checksums=args.checksums,
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         figures=args.figures,
         model=args.model,
     )
-    tracking.record(params, outputs, history.read(args.history))
+    record(params, outputs, history.read(args.history))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ import argparse
 from pathlib import Path
 
 from vaelab import params as params_mod
-from vaelab import tracking
 from vaelab.errors import run_stage
+from vaelab.tracking.queries import RANK_METRIC
+from vaelab.tracking.registry import Registration, register_best
 
 
-def describe(done: tracking.Registration) -> str:
+def describe(done: Registration) -> str:
     """One line: the URI, the version, the run and its metric, and what changed."""
     run = f"run {done.run_id}, {done.metric} = {done.value:g}"
     if done.previous == done.version:
@@ -33,14 +34,14 @@ def describe(done: tracking.Registration) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, required=True, help="for mlflow.experiment")
-    parser.add_argument("--metric", default=tracking.RANK_METRIC, help="rank by this metric")
+    parser.add_argument("--metric", default=RANK_METRIC, help="rank by this metric")
     parser.add_argument("--descending", action="store_true", help="higher is better")
     parser.add_argument("--filter", default="", help="MLflow filter, e.g. \"tags.sweep = 'x'\"")
     parser.add_argument("--name", default="vaelab-vae", help="the registered model")
     parser.add_argument("--alias", default="champion", help="the alias to point at the best")
     args = parser.parse_args(argv)
     experiment = params_mod.load(args.params).mlflow.experiment
-    done = tracking.register_best(
+    done = register_best(
         experiment,
         metric=args.metric,
         descending=args.descending,

@@ -8,7 +8,7 @@ loads and serves where vaelab is not installed (the model holds this package as 
     vae = model.unwrap_python_model().vae               # the torch module (vaelab.model.VAE)
     images = torch.sigmoid(vae.decode(z))               # latent (N, latent) -> (N, 1, 28, 28)
 
-Only MLflow's loader and ``vaelab.tracking`` import this module.
+Only MLflow's loader and ``vaelab.tracking.models`` import this module.
 """
 
 from __future__ import annotations

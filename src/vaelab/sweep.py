@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from vaelab import params as params_mod
-from vaelab import tracking
 from vaelab.errors import VaelabError, run_stage
+from vaelab.tracking.sweeps import start_sweep
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         raise VaelabError(f"--swept takes KEY=VALUES items, got {args.swept}")
     swept = dict(item.split("=", 1) for item in args.swept)
     experiment = params_mod.load(args.params).mlflow.experiment
-    run_id = tracking.start_sweep(experiment, args.label, swept)
+    run_id = start_sweep(experiment, args.label, swept)
     print(f"sweep: MLflow parent run {run_id} for the runs of sweep '{args.label}'")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vaelab import checkpoints, distributed, history, tracking
+from vaelab import checkpoints, distributed, history
 from vaelab import device as device_mod
 from vaelab import params as params_mod
 from vaelab.data import CHECKSUMS_FILE, load_split
@@ -25,6 +25,7 @@ from vaelab.errors import VaelabError, run_stage
 from vaelab.files import atomic_write_bytes
 from vaelab.model import VAE, save
 from vaelab.params import Params
+from vaelab.tracking.run import training_run
 from vaelab.training import check_batch_size, train_model
 
 
@@ -111,7 +112,7 @@ def train_and_record(
     rows: list[dict[str, float]] = list(resume["history"]) if resume else []
     run_id = resume["run_id"] if resume else None
     try:
-        with tracking.training_run(
+        with training_run(
             params,
             checksums,
             device=device,

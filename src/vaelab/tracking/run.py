@@ -1,0 +1,112 @@
+"""The train stage's MLflow run: opened with every param and tag, one log call per epoch,
+FAILED or KILLED with the reason when training stops, continued after a resume.
+
+It stays RUNNING when training succeeds: ``vaelab.tracking.record`` completes it after evaluate
+and plot (docs/tracking.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vaelab.history import COUNT_TAGS as HISTORY_COUNT_TAGS
+from vaelab.history import METRICS as HISTORY_METRICS
+from vaelab.params import Params, flatten
+from vaelab.tracking.store import connect
+from vaelab.tracking.tags import context_tags, dataset_inputs, parent_tag, training_tags
+
+
+def metric_batch(values: dict[str, float], step: int, model_id: str | None = None):
+    """MLflow metrics at ``step``; with ``model_id`` they are also the logged model's."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step, model_id=model_id) for k, v in values.items()]
+
+
+@dataclass
+class TrainingRun:
+    client: object
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)  # where training ran (training_tags)
+
+    def info(self, experiment: str) -> dict:
+        """What the train stage writes to ``models/mlflow_run.json`` for ``record``: the run and
+        where training ran (a clone that pulls the experiment cannot reach this run)."""
+        return {"run_id": self.run_id, "experiment": experiment, "tags": self.tags}
+
+    def log_epoch(self, row: dict[str, float]) -> None:
+        """The row's measurements as metrics at step = epoch; its counts as tags."""
+        from mlflow.entities import RunTag
+
+        epoch = int(row["epoch"])
+        values = {k: v for k, v in row.items() if k in HISTORY_METRICS}
+        tags = [RunTag(tag, str(int(row[k]))) for k, tag in HISTORY_COUNT_TAGS.items() if k in row]
+        self.client.log_batch(self.run_id, metrics=metric_batch(values, epoch), tags=tags)
+
+
+def _resumable(client, run_id: str | None, experiment_id: str):
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # deleted, or another store: start a new run
+        return None
+    usable = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
+    return run if usable else None
+
+
+@contextlib.contextmanager
+def training_run(
+    params: Params,
+    checksums: dict,
+    *,
+    device: object,
+    params_file: Path,
+    resume_run_id: str | None = None,
+    history: list[dict] = (),
+    world_size: int = 1,
+) -> Iterator[TrainingRun]:
+    """Open the train stage's run with all params and tags; mark it FAILED on an exception
+    (KILLED on Ctrl-C), with the reason as the ``vaelab.error`` tag.
+
+    With ``resume_run_id`` (training resumed from a checkpoint) the same run continues: it is
+    set RUNNING again and the epochs of ``history`` it lacks are logged, so no step is missing
+    or doubled. On success it stays RUNNING: ``record`` finishes it after evaluate and plot.
+    """
+    from mlflow.entities import Param
+
+    client, experiment_id = connect(params.mlflow.experiment)
+    resumed = _resumable(client, resume_run_id, experiment_id)
+    if resumed is not None:
+        run_id = resumed.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        if "vaelab.error" in resumed.data.tags:
+            client.delete_tag(run_id, "vaelab.error")
+        client.set_tag(run_id, "vaelab.resumed_after_epoch", str(len(history)))
+    else:
+        tags = context_tags(checksums, params, params_file) | training_tags(device, world_size)
+        tags |= parent_tag(client, experiment_id, params.mlflow.sweep)
+        run_name = os.environ.get("DVC_EXP_NAME") or None
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
+    try:
+        if resumed is None:
+            flat = flatten(params)
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()])
+        logged = {m.step for m in client.get_metric_history(run_id, HISTORY_METRICS[0])}
+        run = TrainingRun(client, run_id, training_tags(device, world_size))
+        for row in history:
+            if int(row["epoch"]) not in logged:
+                run.log_epoch(row)
+        yield run
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        client.set_tag(run_id, "vaelab.error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(run_id, status)
+        raise

@@ -1,0 +1,137 @@
+"""What ties a run to its code, data and DVC experiment: the tags and dataset inputs of a training
+run, where it trained, and the sweep it belongs to (its parent run). The train stage and
+``record`` both set them."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from vaelab.params import Params, flatten, flatten_yaml, load_yaml
+
+KIND_TAG = "vaelab.kind"  # "sweep" / "comparison" on the runs that are not training runs
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def changed_params(params: Params, params_file: Path, baseline: str) -> str | None:
+    """``"key=value, ..."`` for the params that differ from ``params_file`` as committed in
+    ``baseline`` (what this experiment changed); None when git cannot tell."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None:
+        return None
+    try:
+        relative = params_file.resolve().relative_to(Path(top).resolve()).as_posix()
+    except ValueError:  # not inside this repository
+        return None
+    committed = _git("show", f"{baseline}:{relative}")
+    if committed is None:
+        return None
+    try:
+        # Compared as plain YAML, so a baseline written for older code still reads.
+        raw = load_yaml(committed) or {}
+    except yaml.YAMLError:
+        return None
+    before = flatten_yaml(raw) if isinstance(raw, dict) else {}
+    now = flatten(params)  # tuples as lists, as YAML reads them
+    return ", ".join(f"{key}={value}" for key, value in now.items() if before.get(key) != value)
+
+
+def context_tags(
+    checksums: dict, params: Params, params_file: Path, source: str = "src/vaelab/train.py"
+) -> dict[str, str]:
+    """Tags tying a run to its code, data and DVC experiment; ``sweep`` (``mlflow.sweep``)
+    groups the runs of one sweep. The ``mlflow.source.*`` tags and ``mlflow.user`` are MLflow's
+    own for a script run (the UI's Source and User columns); ``source`` is the stage's module."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+    changed = changed_params(params, params_file, baseline or "HEAD")
+    tags = {
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.name": source,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": getpass.getuser(),
+        "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc.baseline_rev": baseline,
+        # The params that differ from the baseline commit's (from HEAD's outside experiments).
+        "params.changed": "unknown" if changed is None else changed,
+        "sweep": params.mlflow.sweep,
+        "data.source": str(checksums.get("source", "")),
+    }
+    for name, entry in checksums.get("files", {}).items():
+        tags[f"data.md5.{name}"] = entry["md5"]
+    return tags
+
+
+def dataset_inputs(checksums: dict, binarize: str):  # -> list[mlflow DatasetInput]
+    """The training and test sets as MLflow dataset inputs (contexts ``training`` and
+    ``evaluation``): named after the data source and the binarisation, with a digest of the
+    verified files' MD5s (the same bytes, the same digest) and the image count as profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from vaelab.data import TEST_FILES, TRAIN_FILES
+
+    files = checksums.get("files", {})
+    # The test set of a binarised run is one fixed, seeded binary sample (vaelab.data).
+    suffixes = {"train": f" ({binarize} binarisation)", "test": " (binarised, fixed seed)"}
+    inputs = []
+    for split, context, names in (
+        ("train", "training", TRAIN_FILES),
+        ("test", "evaluation", TEST_FILES),
+    ):
+        md5s = "".join(f"{name}:{files.get(name, {}).get('md5', '')}\n" for name in names)
+        count = (files.get(names[0], {}).get("bytes", 16) - 16) // 784  # IDX: 16-byte header
+        dataset = Dataset(
+            name=f"{checksums.get('source', 'data')} {split}"
+            + (suffixes[split] if binarize != "none" else ""),
+            digest=hashlib.sha256(md5s.encode()).hexdigest()[:16],
+            source_type="local",
+            source=json.dumps({"files": list(names)}),
+            profile=json.dumps({"num_rows": count}),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+    return inputs
+
+
+TRAINING_TAGS = ("device", "torch.version", "world_size")
+
+
+def training_tags(device: object, world_size: int) -> dict[str, str]:
+    """Where training ran (``TRAINING_TAGS``); ``world_size``: DDP processes, 1 for one."""
+    import torch
+
+    return {
+        "device": str(device),
+        "torch.version": torch.__version__,
+        "world_size": str(world_size),
+    }
+
+
+def parent_tag(client, experiment_id: str, label: str) -> dict[str, str]:
+    """``mlflow.parentRunId`` of a run of sweep ``label``, when the sweep has a parent run."""
+    parent = sweep_parent(client, experiment_id, label)
+    return {"mlflow.parentRunId": parent} if parent else {}
+
+
+def sweep_parent(client, experiment_id: str, label: str) -> str | None:
+    """The id of sweep ``label``'s parent run, if one was started."""
+    if not label:
+        return None
+    query = f"tags.`{KIND_TAG}` = 'sweep' and tags.sweep = '{label}'"
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    return found[0].info.run_id if found else None
