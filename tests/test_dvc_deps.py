@@ -108,3 +108,26 @@ def test_a_relative_import_is_refused_not_missed(tmp_path, monkeypatch):
     monkeypatch.setattr(imports, "SOURCE", package)
     with pytest.raises(ValueError, match=r"stage.py:1: relative import"):
         imports.reached_modules("vaelab.stage")
+
+
+def test_a_package_s_data_files_are_the_code_of_its_init(tmp_path, monkeypatch):
+    """A page's HTML, JavaScript and CSS beside a package's __init__.py (read with
+    importlib.resources) are that module's code: a stage that reaches it lists them."""
+    package = tmp_path / "vaelab"
+    (package / "page").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "stage.py").write_text("from vaelab.page import render\n")
+    (package / "page" / "__init__.py").write_text("def render(): ...\n")
+    for name in ("page.html", "page.js", "page.css"):
+        (package / "page" / name).write_text("x")
+    (package / "page" / "__pycache__").mkdir()
+    monkeypatch.setattr(imports, "SOURCE", package)
+    files = [p.relative_to(package).as_posix() for p in imports.reached_files("vaelab.stage")]
+    assert files == [
+        "__init__.py",
+        "page/__init__.py",
+        "page/page.css",
+        "page/page.html",
+        "page/page.js",
+        "stage.py",
+    ]

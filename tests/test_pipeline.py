@@ -16,6 +16,7 @@ been through `dvc repro` (``reproduced_copy``), so they pass alone and in any or
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -418,3 +419,71 @@ def test_a_queued_sweep_is_a_parent_run_with_two_complete_children(tmp_path):
     assert "comparison/comparison.md" in logged
     assert len(runs(repo)) == 3
     assert (repo / "reports" / "comparison" / "comparison_train.seed.png").stat().st_size > 0
+
+
+# Code the train stage must not depend on: the registry, the UI link, comparisons, sweeps, and
+# what only `record` runs. An edit to any of them must leave train (and a checkpoint) alone.
+NOT_TRAINING_CODE = {
+    "record": (
+        "src/vaelab/record.py",
+        "src/vaelab/serving.py",
+        "src/vaelab/tracking/models.py",
+        "src/vaelab/tracking/record.py",
+    ),
+    None: (  # commands, not stages: no stage runs them
+        "src/vaelab/compare.py",
+        "src/vaelab/register.py",
+        "src/vaelab/sweep.py",
+        "src/vaelab/tracking/comparison.py",
+        "src/vaelab/tracking/queries.py",
+        "src/vaelab/tracking/registry.py",
+        "src/vaelab/tracking/sweeps.py",
+        "src/vaelab/tracking/ui.py",
+    ),
+}
+
+
+def test_an_edit_re_runs_only_the_stages_whose_code_it_changes(
+    reproduced_copy, tiny_params, monkeypatch
+):
+    """After `dvc repro`, DVC itself is asked (`dvc status`) which stages an edit invalidates:
+    one to registry, UI, comparison, sweep or record-only code leaves train up to date and a
+    training checkpoint's code fingerprint unchanged; one to the training loop invalidates both;
+    one to the explorer page's JavaScript invalidates plot and not train."""
+    from vaelab import imports
+    from vaelab.checkpoints import training_config
+
+    repo = reproduced_copy
+    monkeypatch.setattr(imports, "SOURCE", repo / "src" / "vaelab")  # fingerprint the copy
+
+    def status_after_editing(name: str) -> tuple[dict, dict]:
+        """(dvc status --json, the checkpoint's config) with ``name`` edited; then undone."""
+        path = repo / name
+        original = path.read_bytes()
+        comment = b"\n// edited\n" if path.suffix == ".js" else b"\n# edited\n"
+        path.write_bytes(original + comment)
+        try:
+            status = json.loads(run(repo, "dvc", "status", "--json"))
+            return status, training_config(tiny_params, torch.device("cpu"))
+        finally:
+            path.write_bytes(original)
+
+    untouched = training_config(tiny_params, torch.device("cpu"))
+    assert json.loads(run(repo, "dvc", "status", "--json")).keys() <= {"record"}
+    for stage, names in NOT_TRAINING_CODE.items():
+        for name in names:
+            status, fingerprint = status_after_editing(name)
+            assert "train" not in status, (name, status)
+            assert fingerprint == untouched, name
+            changed = {s for s in status if s != "record"}  # record always runs
+            assert changed == set(), (name, status)
+            if stage == "record":  # ["always changed", {"changed deps": {...}}]
+                deps = [e["changed deps"] for e in status["record"] if isinstance(e, dict)]
+                assert deps == [{name: "modified"}], (name, status)
+
+    status, fingerprint = status_after_editing("src/vaelab/training.py")
+    assert status["train"] == [{"changed deps": {"src/vaelab/training.py": "modified"}}]
+    assert fingerprint != untouched
+    status, fingerprint = status_after_editing("src/vaelab/explorer/explorer.js")
+    assert "train" not in status and fingerprint == untouched
+    assert status["plot"] == [{"changed deps": {"src/vaelab/explorer/explorer.js": "modified"}}]

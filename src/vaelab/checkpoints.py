@@ -12,7 +12,7 @@ import torch
 from vaelab import params as params_mod
 from vaelab.errors import VaelabError
 from vaelab.files import atomic_write_bytes, md5_of
-from vaelab.imports import module_file, reached_modules
+from vaelab.imports import module_files, reached_modules
 from vaelab.params import Params
 
 VERSION = 1
@@ -28,7 +28,9 @@ def training_config(params: Params, device: torch.device) -> dict[str, str]:
     flat = params_mod.flatten(params)
     config = {k: str(v) for k, v in flat.items() if k.split(".")[0] in TRAIN_SECTIONS}
     for module in reached_modules(TRAIN_STAGE):
-        config[f"code.{module}"] = md5_of(module_file(module))
+        for path in module_files(module):  # a package's data files are its code too
+            key = f"code.{module}" if path.suffix == ".py" else f"code.{module}/{path.name}"
+            config[key] = md5_of(path)
     return config | {"torch": str(torch.__version__), "device": device.type}
 
 

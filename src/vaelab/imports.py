@@ -2,6 +2,10 @@
 through ``import`` statements, anywhere in the file (also inside functions), read with ``ast``:
 nothing is imported or executed.
 
+A package's data files (any file in its folder that is not Python, such as the explorer page's
+``page.html``, ``explorer.js`` and ``explorer.css``, read with ``importlib.resources``) are code of
+the package's ``__init__`` module: editing them re-runs the stages that reach it.
+
 dvc.yaml lists exactly these files as each stage's code deps (tests/test_dvc_deps.py checks it),
 and a training checkpoint fingerprints the train stage's set (``vaelab.checkpoints``).
 """
@@ -57,6 +61,19 @@ def reached_modules(module: str) -> list[str]:
     return sorted(reached)
 
 
+def module_files(module: str) -> list[Path]:
+    """``module``'s source file and, for a package, its data files (sorted by name)."""
+    source = module_file(module)
+    if source.name != "__init__.py":
+        return [source]
+    data = [
+        path
+        for path in source.parent.iterdir()
+        if path.is_file() and path.suffix not in (".py", ".pyc") and not path.name.startswith(".")
+    ]
+    return [source, *sorted(data)]
+
+
 def reached_files(module: str) -> list[Path]:
-    """The source files of ``reached_modules(module)``."""
-    return [module_file(name) for name in reached_modules(module)]
+    """The files of ``reached_modules(module)``: sources and package data (``module_files``)."""
+    return [path for name in reached_modules(module) for path in module_files(name)]
