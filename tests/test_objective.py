@@ -14,12 +14,8 @@ import torch
 from vaelab import model as m
 from vaelab import params as params_mod
 from vaelab.errors import VaelabError
-from vaelab.training import (
-    learning_rate,
-    make_train_step,
-    set_output_bias,
-    train_model,
-)
+from vaelab.optim import learning_rate, make_train_step
+from vaelab.training import set_output_bias, train_model
 
 
 def binary_batch(n: int, seed: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ from vaelab.data import load_split
 from vaelab.device import resolve as resolve_device
 from vaelab.errors import VaelabError
 from vaelab.history import COLUMNS as HISTORY_COLUMNS
-from vaelab.training import kl_weights, train_model
+from vaelab.optim import kl_weights
+from vaelab.training import train_model
 
 TIMING = {"epoch_seconds", "images_per_second"}
 

@@ -31,73 +31,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from vaelab import device as device_mod
 from vaelab import params as params_mod
 from vaelab.data import load_split
 from vaelab.errors import VaelabError, run_stage
 from vaelab.files import atomic_write_bytes
-from vaelab.model import VAE, dataset_elbo
+from vaelab.model import dataset_elbo
 from vaelab.training import train_model
-
-TUTORIAL_BATCH = 64
-
+from vaelab.tutorial import TUTORIAL_BATCH, TutorialVAE
 
 # ----------------------------------------------------------------------------- the reference
-
-
-class TutorialEncoder(nn.Module):
-    def __init__(self, latent_dims: int) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(784, 512)
-        self.linear2 = nn.Linear(512, latent_dims)
-        self.linear3 = nn.Linear(512, latent_dims)
-        self.kl = torch.tensor(0.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.linear1(torch.flatten(x, start_dim=1)))
-        mu, logvar = self.linear2(x), self.linear3(x)
-        eps = torch.randn(mu.size(0), mu.size(1)).to(mu.device)  # drawn on the CPU, then moved
-        z = mu + eps * torch.exp(logvar / 2.0)
-        self.kl = -0.5 * torch.sum(1 + logvar - mu**2 - torch.exp(logvar), dim=1).mean()
-        return z
-
-
-class TutorialDecoder(nn.Module):
-    def __init__(self, latent_dims: int) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(latent_dims, 512)
-        self.linear2 = nn.Linear(512, 784)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.linear2(F.relu(self.linear1(z)))).reshape((-1, 1, 28, 28))
-
-
-class TutorialVAE(nn.Module):
-    def __init__(self, latent_dims: int = 2) -> None:
-        super().__init__()
-        self.encoder = TutorialEncoder(latent_dims)
-        self.decoder = TutorialDecoder(latent_dims)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
-
-    def to_vaelab(self) -> VAE:
-        """The same weights in vaelab's VAE (fused mu/logvar head), to evaluate them alike."""
-        vae = VAE(self.encoder.linear2.out_features, (512,))
-        with torch.no_grad():
-            vae.encoder[0].load_state_dict(self.encoder.linear1.state_dict())
-            vae.enc_head.weight.copy_(
-                torch.cat([self.encoder.linear2.weight, self.encoder.linear3.weight])
-            )
-            vae.enc_head.bias.copy_(
-                torch.cat([self.encoder.linear2.bias, self.encoder.linear3.bias])
-            )
-            vae.decoder[0].load_state_dict(self.decoder.linear1.state_dict())
-            vae.decoder[2].load_state_dict(self.decoder.linear2.state_dict())
-        return vae.to(self.encoder.linear1.weight.device)
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -336,7 +280,7 @@ def markdown(rows: list[dict], info: dict[str, str], device: torch.device) -> st
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--epochs", type=int, default=4)
@@ -356,34 +300,24 @@ def main(argv: list[str] | None = None) -> None:
         help="instead: time IWAE training for these k, e.g. 1,5,50 (batch 20, burda network)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
-        return
-    if args.data_dir is None:
-        parser.error("--data-dir is required")
-    if args.epochs < 2:
-        raise VaelabError("--epochs must be >= 2: the first epoch is warm-up and not timed.")
-    device = device_mod.resolve(args.device)
-    load_split(args.data_dir, train=False)  # verify the data before spending minutes
-    base = {
-        "data_dir": str(args.data_dir),
-        "epochs": args.epochs,
-        "device": str(device),
-        "seed": args.seed,
-        "compile": False,
-    }
-    if args.iwae_samples:
-        ks = [int(k) for k in args.iwae_samples.split(",") if k.strip()]
-        runs = [_spawn(base | {"loop": "iwae", "batch_size": 20, "samples": k}) for k in ks]
-        table = iwae_markdown(runs, machine(), device)
-        print(table)
-        if args.report:
-            header = "# Benchmark: IWAE training time against k\n\n"
-            atomic_write_bytes(args.report, (header + table).encode())
-            print(f"bench: wrote {args.report}")
-        return
+
+def bench_iwae(args: argparse.Namespace, base: dict, device: torch.device) -> None:
+    """IWAE training time for each k of ``--iwae-samples`` against k = 1."""
+    ks = [int(k) for k in args.iwae_samples.split(",") if k.strip()]
+    runs = [_spawn(base | {"loop": "iwae", "batch_size": 20, "samples": k}) for k in ks]
+    table = iwae_markdown(runs, machine(), device)
+    print(table)
+    if args.report:
+        header = "# Benchmark: IWAE training time against k\n\n"
+        atomic_write_bytes(args.report, (header + table).encode())
+        print(f"bench: wrote {args.report}")
+
+
+def bench_loops(args: argparse.Namespace, base: dict, device: torch.device) -> None:
+    """The tutorial's loop, then vaelab's at the same batch (compiled too, with ``--compile``)
+    and at the ``--sweep`` batch sizes; the ratios against the tutorial's."""
     sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
     specs = [
         base | {"loop": "reference", "batch_size": TUTORIAL_BATCH},
@@ -407,6 +341,31 @@ def main(argv: list[str] | None = None) -> None:
             args.report.with_suffix(".json"), (json.dumps(payload, indent=2) + "\n").encode()
         )
         print(f"bench: wrote {args.report} and {args.report.with_suffix('.json')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+    if args.data_dir is None:
+        parser.error("--data-dir is required")
+    if args.epochs < 2:
+        raise VaelabError("--epochs must be >= 2: the first epoch is warm-up and not timed.")
+    device = device_mod.resolve(args.device)
+    load_split(args.data_dir, train=False)  # verify the data before spending minutes
+    base = {
+        "data_dir": str(args.data_dir),
+        "epochs": args.epochs,
+        "device": str(device),
+        "seed": args.seed,
+        "compile": False,
+    }
+    if args.iwae_samples:
+        bench_iwae(args, base, device)
+    else:
+        bench_loops(args, base, device)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def training_loss(
     beta = 1 is the negative ELBO. (The tutorial sums the recon over the batch but averages the KL,
     which is this loss times B with beta = 1/B.) With ``divisor`` the sum over the batch is divided
     by it instead of by the batch size (distributed training: see
-    ``vaelab.training.make_train_step``).
+    ``vaelab.optim.make_train_step``).
     """
     total = terms.recon + beta * terms.kl
     return total.mean() if divisor is None else total.sum() / divisor

@@ -143,15 +143,20 @@ def train_and_record(
             )
             write_outputs(args, model, rows, run.info(params.mlflow.experiment))
     except KeyboardInterrupt:
-        how = "resume from the last complete epoch"
-        if checkpoint is None:
-            how = "train from the start (distributed runs do not resume)"
-        raise VaelabError(
-            f"interrupted after epoch {len(rows)}; the MLflow run is marked KILLED. Run "
-            f"`dvc repro` (or this command) again to {how}."
-        ) from None
+        raise interrupted(len(rows), resumable=checkpoint is not None) from None
     args.checkpoint.unlink(missing_ok=True)  # finished: the model and history hold everything
     print(f"train: model -> {args.model}, MLflow run {run.run_id}")
+
+
+def interrupted(epochs_done: int, *, resumable: bool) -> VaelabError:
+    """The message of a Ctrl-C or SIGTERM that stopped training."""
+    how = "resume from the last complete epoch"
+    if not resumable:
+        how = "train from the start (distributed runs do not resume)"
+    return VaelabError(
+        f"interrupted after epoch {epochs_done}; the MLflow run is marked KILLED. Run "
+        f"`dvc repro` (or this command) again to {how}."
+    )
 
 
 def write_outputs(args: argparse.Namespace, model: VAE, rows: list[dict], info: dict) -> None:
