@@ -48,29 +48,20 @@ REGISTER_ARGS ?=
 register: $(VENV)/.installed
 	$(BIN)/python -m vaelab.register --params params.yaml $(REGISTER_ARGS)
 
-# The default sweep: latent_dims 2, 5, 10, 20 at the tutorial's settings, queued as DVC
-# experiments, run 2 at a time, then compared. SWEEP_VALUES / SWEEP_KEY / SWEEP_JOBS change it.
+# A sweep: a grid of params values queued as DVC experiments (one per combination), run
+# SWEEP_JOBS at a time as children of one MLflow parent run, then compared (docs/comparing.md).
+# The default: latent_dims 2, 5, 10, 20. A grid: make sweep SWEEP="model.latent_dims=5,10
+# train.seed=0,1,2". One key: SWEEP_KEY / SWEEP_VALUES. SWEEP_NAME: the runs' sweep tag.
 SWEEP_KEY    ?= model.latent_dims
 SWEEP_VALUES ?= 2,5,10,20
+SWEEP        ?= $(SWEEP_KEY)=$(SWEEP_VALUES)
 SWEEP_JOBS   ?= 2
-# Torch threads per worker: the cores shared out (torch's default, all cores each, oversubscribes).
-SWEEP_THREADS = $(shell $(PYTHON) -c "import os; print(max(1, os.cpu_count() // $(SWEEP_JOBS)))")
-ifndef SWEEP_NAME  # the sweep tag of its runs; := so it is computed once
-SWEEP_NAME := $(lastword $(subst ., ,$(SWEEP_KEY)))-$(shell date +%Y%m%d-%H%M%S)
-endif
+SWEEP_MAX    ?= 64
+SWEEP_NAME   ?=
 sweep: $(VENV)/.installed
-	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH"; \
-	python -m vaelab.sweep --params params.yaml --label '$(SWEEP_NAME)' \
-		--swept '$(SWEEP_KEY)=$(SWEEP_VALUES)'; \
-	queued=$$(dvc exp run --queue -S '$(SWEEP_KEY)=$(SWEEP_VALUES)' \
-		-S 'mlflow.sweep=$(SWEEP_NAME)' | tee /dev/stderr | grep -c '^Queued experiment'); \
-	OMP_NUM_THREADS=$(SWEEP_THREADS) dvc queue start -j $(SWEEP_JOBS); \
-	echo "waiting for $$queued experiments (dvc queue status / dvc queue logs NAME elsewhere)"; \
-	while dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done; \
-	dvc queue status; \
-	python -m vaelab.compare --params params.yaml --report reports/comparison.md \
-		--figures reports/comparison --filter "tags.sweep = '$(SWEEP_NAME)'" \
-		--expect-runs $$queued --sweep '$(SWEEP_NAME)'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m vaelab.sweep --params params.yaml \
+		--report reports/comparison.md --figures reports/comparison --grid '$(SWEEP)' \
+		--jobs $(SWEEP_JOBS) --max $(SWEEP_MAX) $(if $(SWEEP_NAME),--label '$(SWEEP_NAME)')
 
 # Run a preset (presets/*.yaml) as a DVC experiment: make preset PRESET=bernoulli-2d, with
 # overrides: make preset PRESET=burda-iwae PRESET_ARGS="-S loss.samples=50"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -353,3 +354,60 @@ def test_the_training_numbers_come_from_the_history_s_last_row(tiny_params):
     )
     assert metrics["epochs"] == 3
     assert metrics["train_last_epoch"] == {"neg_elbo": 30.0, "recon": 18.0, "kl": 12.0}
+
+
+# The importance-weighted NLL of 1000 random images with a random model (ten batches of 100), run
+# in a subprocess whose stderr is the caller's choice (a terminal or a pipe).
+IW_NLL_SCRIPT = """
+import torch
+from vaelab import evaluate, model
+torch.manual_seed(0)
+vae = model.VAE(latent_dims=2, hidden=(16,))
+images = torch.randint(0, 256, (1000, 28, 28), dtype=torch.uint8)
+evaluate.importance_weighted_nll(vae, images, likelihood="gaussian", samples=64,
+                                 generator=torch.Generator().manual_seed(0))
+print("done")
+"""
+
+
+def test_the_iw_nll_shows_images_done_and_time_left_on_a_terminal_only():
+    """As training's bar: shown when stderr is a terminal (here a pseudo-terminal), with the
+    images done out of all and the time left; nothing when stderr is a pipe or a file (DVC's
+    logs, CI)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    primary, secondary = pty.openpty()
+    # A terminal 120 columns wide (a fresh pseudo-terminal has 0, where tqdm draws nothing).
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    done = subprocess.run(
+        [sys.executable, "-c", IW_NLL_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        timeout=120,
+    )
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal is closed once everything has been read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    assert done.returncode == 0 and done.stdout == b"done\n"
+    text = shown.decode(errors="replace")
+    assert "IW-NLL, K=64" in text and "0/1000" in text and "image" in text, text
+    # Images done of all, elapsed < left, after a batch or more.
+    assert re.search(r" [1-9]\d\d/1000 \[\d\d:\d\d<\d\d:\d\d", text), text
+    piped = subprocess.run(
+        [sys.executable, "-c", IW_NLL_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert piped.stdout == "done\n" and "IW-NLL" not in piped.stderr, piped.stderr

@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -350,36 +350,22 @@ def test_a_preset_runs_as_a_named_experiment(reproduced_copy):
 
 
 def test_a_queued_sweep_is_a_parent_run_with_two_complete_children(tmp_path):
+    """`python -m vaelab.sweep` as make sweep runs it: the parent run, DVC's grid syntax (one
+    queued experiment per value), a line as each starts and finishes, then the comparison into
+    the parent."""
     repo = make_repo(tmp_path / "queue")
-    # As make sweep does: the sweep's parent run first, then DVC's grid syntax, one queued
-    # experiment per value.
-    sweep = [
-        sys.executable,
-        "-m",
-        "vaelab.sweep",
-        "--params",
-        "params.yaml",
-        "--label",
-        "seeds",
-        "--swept",
-        "train.seed=1,2",
-    ]
-    run(repo, *sweep)
-    (parent,) = runs(repo)
+    sweep = [sys.executable, "-m", "vaelab.sweep", "--params", "params.yaml", "--label", "seeds"]
+    sweep += ["--report", "reports/comparison.md", "--figures", "reports/comparison"]
+    output = run(repo, *sweep, "--grid", "train.seed=1,2", "--jobs", "2", timeout=600)
+    parent, *done = runs(repo)
     assert (parent.info.run_name, parent.data.params) == ("seeds", {"sweep.train.seed": "1,2"})
-    run(repo, "dvc", "exp", "run", "--queue", "-S", "train.seed=1,2", "-S", "mlflow.sweep=seeds")
-    run(repo, "dvc", "queue", "start", "-j", "2")
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        status = run(repo, "dvc", "queue", "status")
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    else:
-        pytest.fail(f"queue did not finish:\n{status}")
-    assert status.count("Success") == 2, status
-    done = [r for r in runs(repo) if r.info.run_id != parent.info.run_id]
     assert len(done) == 2
+    for r in done:  # as each experiment started and ended, a line with its name and params
+        seed = r.data.params["train.seed"]
+        assert f"sweep: started {r.info.run_name} (train.seed={seed})" in output, output
+        assert re.search(
+            rf"sweep: finished {r.info.run_name} \(train.seed={seed}\) (in|within) ", output
+        )
     # The sweep is one expandable row in the UI: both runs are the parent's children.
     assert [r.data.tags["mlflow.parentRunId"] for r in done] == [parent.info.run_id] * 2
     assert sorted(r.data.tags["params.changed"] for r in done) == [
@@ -392,23 +378,6 @@ def test_a_queued_sweep_is_a_parent_run_with_two_complete_children(tmp_path):
         assert r.data.tags["sweep"] == "seeds"
         run(repo, "dvc", "exp", "apply", r.info.run_name)
         assert_complete(repo, r, repo / "params.yaml")
-    # The sweep's comparison, as make sweep ends.
-    run(
-        repo,
-        sys.executable,
-        "-m",
-        "vaelab.compare",
-        "--params",
-        "params.yaml",
-        "--report",
-        "reports/comparison.md",
-        "--figures",
-        "reports/comparison",
-        "--filter",
-        "tags.sweep = 'seeds'",
-        "--expect-runs",
-        "2",
-    )
     table = (repo / "reports" / "comparison.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| run"))
     assert "train.seed" in header and "eval/test_iw/nll" in header

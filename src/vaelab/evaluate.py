@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from vaelab import device as device_mod
 from vaelab import history as history_mod
@@ -63,6 +64,10 @@ def importance_weighted_nll(
     if terms is None:
         terms = per_image_terms(model, images, likelihood, generator)
     log_px = []
+    # On a terminal only, as training's bar: about a minute at K = 1000, far more at K = 5000.
+    bar = tqdm(
+        total=len(images), desc=f"IW-NLL, K={samples}", unit="image", leave=False, disable=None
+    )
     for start in range(0, len(images), batch_size):
         x = images_to_float(images[start : start + batch_size])
         mu, logvar = model.encode(x)
@@ -71,6 +76,8 @@ def importance_weighted_nll(
                 mu, logvar, log_px_given_z_fn(model, x, likelihood), samples, generator
             )
         )
+        bar.update(len(x))
+    bar.close()
     nll = -torch.cat(log_px)
     neg_elbo = terms.recon.double() + terms.kl.double() + constant  # as elbo_means sums
     return {

@@ -1,0 +1,157 @@
+"""make sweep's pieces on their own: the grid, its checks before anything is queued, reading
+DVC's output, and the progress lines while the queue runs. (The whole sweep through DVC's queue:
+tests/test_pipeline.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT
+from vaelab import sweep
+from vaelab.errors import VaelabError
+
+
+def test_a_grid_is_keys_with_their_values_and_every_combination():
+    grid = sweep.parse_grid("model.latent_dims=5,10  train.seed=0,1,2 model.hidden=[200,200],[64]")
+    assert grid == {
+        "model.latent_dims": ["5", "10"],
+        "train.seed": ["0", "1", "2"],
+        "model.hidden": ["[200,200]", "[64]"],
+    }
+    combos = sweep.combinations(grid)
+    assert len(combos) == 2 * 3 * 2
+    assert combos[0] == {"model.latent_dims": "5", "train.seed": "0", "model.hidden": "[200,200]"}
+    assert combos[1] == {"model.latent_dims": "5", "train.seed": "0", "model.hidden": "[64]"}
+    assert len({tuple(c.values()) for c in combos}) == 12
+    assert sweep.parse_grid("model.latent_dims=2,5,10,20") == {
+        "model.latent_dims": ["2", "5", "10", "20"]
+    }
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ("train.seed", "is not KEY=VALUES"),
+        ("=1,2", "is not KEY=VALUES"),
+        ("train.seed=", "has an empty value"),
+        ("train.seed=1,,2", "has an empty value"),
+        ("train.seed=1 train.seed=2", "is given twice"),
+        ("mlflow.sweep=a,b", "the sweep's own label"),
+        ("", "the grid is empty"),
+    ],
+)
+def test_a_malformed_grid_is_named(grid, message):
+    with pytest.raises(VaelabError, match=message):
+        sweep.parse_grid(grid)
+
+
+@pytest.fixture
+def params_file(tmp_path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text((PROJECT / "params.yaml").read_text())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ("model.latent_dim=5,10", r"unknown key 'model.latent_dim'. Did you mean 'latent_dims'"),
+        ("modle.latent_dims=5", r"unknown section 'modle'. Did you mean 'model'"),
+        ("train=5", r"'train' is not a params key"),
+        (
+            "train.seed=0 model.latent_dims=5,1",
+            r"latent_dims=1 is refused: .*'model.latent_dims' is 1",
+        ),
+        ("train.lr=0.1,fast", r"'train.lr' is 'fast'; expected a finite number"),
+        ("data.binarize=dynamic", r"'data.binarize' is 'dynamic' but 'loss.likelihood'"),
+    ],
+)
+def test_a_grid_the_params_schema_refuses_stops_before_anything_is_queued(
+    params_file, grid, message, monkeypatch
+):
+    def no_dvc(*args, **kwargs):
+        raise AssertionError("nothing may be queued")
+
+    monkeypatch.setattr(sweep, "_dvc", no_dvc)
+    with pytest.raises(VaelabError, match=message):
+        sweep.main(
+            ["--params", str(params_file), "--report", "r.md", "--figures", "f", "--grid", grid]
+        )
+
+
+def test_too_many_combinations_ask_for_a_higher_limit(params_file):
+    grid = sweep.parse_grid("train.seed=" + ",".join(str(s) for s in range(9)) + " train.lr=1,2")
+    assert sweep.check_grid(params_file, grid, 18) == 18
+    with pytest.raises(VaelabError, match=r"18 combinations, more than the 17 .*SWEEP_MAX=18"):
+        sweep.check_grid(params_file, grid, 17)
+
+
+def test_a_broken_params_file_is_its_own_error(params_file):
+    raw = yaml.safe_load(params_file.read_text())
+    raw["train"]["epochs"] = 0
+    params_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(VaelabError, match=r"'train.epochs' is 0") as caught:
+        sweep.check_grid(params_file, {"train.seed": ["1"]}, 64)
+    assert "combination" not in str(caught.value)
+
+
+# What DVC 3.67 printed for `dvc exp run --queue -S model.latent_dims=5,10 -S mlflow.sweep=s`.
+QUEUED = """\
+Queueing with overrides '{'params.yaml': ['model.latent_dims=5', 'mlflow.sweep=s']}'.
+Queued experiment 'forky-moms' for future execution.
+Queueing with overrides '{'params.yaml': ['model.latent_dims=10', 'mlflow.sweep=s']}'.
+Queued experiment 'muzzy-puke' for future execution.
+"""
+STATUS = """\
+Task     Name        Created    Status
+dd648c4  forky-moms  09:41 AM   {0}
+8e5b6e6  muzzy-puke  Dec 01, 2026   {1}
+1111111  old-one     09:00 AM   Success
+
+Worker status: 1 active, 0 idle
+"""
+
+
+def test_dvc_s_output_is_read_into_names_params_and_statuses():
+    assert sweep.parse_queued(QUEUED) == [
+        sweep.Queued("forky-moms", {"model.latent_dims": "5"}),
+        sweep.Queued("muzzy-puke", {"model.latent_dims": "10"}),
+    ]
+    assert sweep.parse_queue_status(STATUS.format("Running", "Queued")) == {
+        "forky-moms": "Running",
+        "muzzy-puke": "Queued",
+        "old-one": "Success",
+    }
+
+
+def test_a_line_when_an_experiment_starts_finishes_or_fails_with_its_time():
+    queued = sweep.parse_queued(QUEUED)
+    progress = sweep.Progress(queued, started=0.0)
+
+    def look(first: str, second: str, now: float) -> list[str]:
+        return progress.update(sweep.parse_queue_status(STATUS.format(first, second)), now)
+
+    assert look("Queued", "Queued", 5.0) == []
+    assert look("Running", "Queued", 10.0) == ["sweep: started forky-moms (model.latent_dims=5)"]
+    assert progress.counts() == "1 running, 1 queued, 0 ended"
+    assert look("Running", "Queued", 15.0) == []
+    assert look("Success", "Running", 135.0) == [
+        "sweep: finished forky-moms (model.latent_dims=5) in 2 min 05 s",
+        "sweep: started muzzy-puke (model.latent_dims=10)",
+    ]
+    assert not progress.done
+    assert look("Success", "Failed", 147.0) == [
+        "sweep: FAILED muzzy-puke (model.latent_dims=10) in 12 s (Failed); its log: "
+        "dvc queue logs muzzy-puke"
+    ]
+    assert progress.done and progress.counts() == "0 running, 0 queued, 2 ended"
+
+
+def test_an_experiment_that_ran_between_two_looks_is_reported_once():
+    progress = sweep.Progress(sweep.parse_queued(QUEUED), started=0.0)
+    lines = progress.update({"forky-moms": "Success", "muzzy-puke": "Queued"}, 4.0)
+    assert lines == ["sweep: finished forky-moms (model.latent_dims=5) within 4 s"]
+    assert progress.update({"forky-moms": "Success", "muzzy-puke": "Queued"}, 8.0) == []
