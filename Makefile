@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5000
 
-.PHONY: repro test ui bench compare register sweep preset lint clean-venv
+.PHONY: repro test ui bench compare register reproduce sweep preset lint clean-venv
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +47,16 @@ compare: $(VENV)/.installed
 REGISTER_ARGS ?=
 register: $(VENV)/.installed
 	$(BIN)/python -m vaelab.register --params params.yaml $(REGISTER_ARGS)
+
+# Re-create a run from its id (or name) in a temporary clone and say whether it came out
+# identical: make reproduce RUN=<run id or name> [REPRODUCE_ARGS="--threads 2"]. The command's
+# exit status: 0 identical, 3 differs, 2 an error (make reports each as its own failure).
+RUN ?=
+REPRODUCE_ARGS ?=
+reproduce: $(VENV)/.installed
+	@test -n '$(RUN)' || { echo "usage: make reproduce RUN=<run id or name>" >&2; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m vaelab.reproduce --params params.yaml \
+		'$(RUN)' $(REPRODUCE_ARGS)
 
 # A sweep: a grid of params values queued as DVC experiments (one per combination), run
 # SWEEP_JOBS at a time as children of one MLflow parent run, then compared (docs/comparing.md).

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vaelab.errors import VaelabError
 from vaelab.tracking.store import check_reachable, quiet_mlflow, tracking_uri
-from vaelab.tracking.tags import KIND_TAG
+from vaelab.tracking.tags import KIND_TAG, REPRODUCES_TAG
 
 RANK_METRIC = "eval/test_iw/nll"  # nats per image, lower is better; compare's and register's
 
@@ -41,8 +41,11 @@ def find_runs(experiment: str, filter_string: str = "", run_ids: list[str] = ())
         raise VaelabError(
             f"MLflow cannot search with {filter_string!r}: {error.message}"
         ) from None
-    if f"tags.{KIND_TAG}" in runs.columns:  # training runs only: no comparison, no sweep parent
-        runs = runs[runs[f"tags.{KIND_TAG}"].fillna("") == ""]
+    # Training runs only: no comparison, no sweep parent, and no reproduction (vaelab.reproduce),
+    # which would count its original twice.
+    for tag in (KIND_TAG, REPRODUCES_TAG):
+        if f"tags.{tag}" in runs.columns:
+            runs = runs[runs[f"tags.{tag}"].fillna("") == ""]
     return runs.reset_index(drop=True)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from vaelab.history import COUNT_TAGS as HISTORY_COUNT_TAGS
 from vaelab.history import METRICS as HISTORY_METRICS
 from vaelab.params import Params, flatten
+from vaelab.tracking.source import UNKNOWN, log_uncommitted, uncommitted
 from vaelab.tracking.store import connect
 from vaelab.tracking.tags import context_tags, dataset_inputs, parent_tag, training_tags
 
@@ -90,11 +91,14 @@ def training_run(
             client.delete_tag(run_id, "vaelab.error")
         client.set_tag(run_id, "vaelab.resumed_after_epoch", str(len(history)))
     else:
+        code = uncommitted()
         tags = context_tags(checksums, params, params_file) | training_tags(device, world_size)
         tags |= parent_tag(client, experiment_id, params.mlflow.sweep)
+        tags |= code.tags() if code else UNKNOWN
         run_name = os.environ.get("DVC_EXP_NAME") or None
         run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
+        log_uncommitted(client, run_id, code)
     try:
         if resumed is None:
             flat = flatten(params)

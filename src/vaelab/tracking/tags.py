@@ -8,35 +8,32 @@ import getpass
 import hashlib
 import json
 import os
-import subprocess
+import platform
 from pathlib import Path
 
 import yaml
 
 from vaelab.params import Params, flatten, flatten_yaml, load_yaml
+from vaelab.tracking.source import git
 
 KIND_TAG = "vaelab.kind"  # "sweep" / "comparison" on the runs that are not training runs
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+# A run of the pipeline that ``vaelab.reproduce`` re-creates carries the original's id, from the
+# environment variable REPRODUCES_ENV it sets.
+REPRODUCES_TAG = "vaelab.reproduces"
+REPRODUCES_ENV = "VAELAB_REPRODUCES"
 
 
 def changed_params(params: Params, params_file: Path, baseline: str) -> str | None:
     """``"key=value, ..."`` for the params that differ from ``params_file`` as committed in
     ``baseline`` (what this experiment changed); None when git cannot tell."""
-    top = _git("rev-parse", "--show-toplevel")
+    top = git("rev-parse", "--show-toplevel")
     if top is None:
         return None
     try:
         relative = params_file.resolve().relative_to(Path(top).resolve()).as_posix()
     except ValueError:  # not inside this repository
         return None
-    committed = _git("show", f"{baseline}:{relative}")
+    committed = git("show", f"{baseline}:{relative}")
     if committed is None:
         return None
     try:
@@ -55,8 +52,8 @@ def context_tags(
     """Tags tying a run to its code, data and DVC experiment; ``sweep`` (``mlflow.sweep``)
     groups the runs of one sweep. The ``mlflow.source.*`` tags and ``mlflow.user`` are MLflow's
     own for a script run (the UI's Source and User columns); ``source`` is the stage's module."""
-    commit = _git("rev-parse", "HEAD") or "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
     changed = changed_params(params, params_file, baseline or "HEAD")
     tags = {
@@ -75,6 +72,8 @@ def context_tags(
     }
     for name, entry in checksums.get("files", {}).items():
         tags[f"data.md5.{name}"] = entry["md5"]
+    if os.environ.get(REPRODUCES_ENV):
+        tags[REPRODUCES_TAG] = os.environ[REPRODUCES_ENV]
     return tags
 
 
@@ -108,17 +107,30 @@ def dataset_inputs(checksums: dict, binarize: str):  # -> list[mlflow DatasetInp
     return inputs
 
 
-TRAINING_TAGS = ("device", "torch.version", "world_size")
+# Where training ran: what may change float results between two runs of the same code, params
+# and data (vaelab.reproduce names the ones that differ).
+TRAINING_TAGS = (
+    "device",
+    "torch.version",
+    "torch.threads",
+    "world_size",
+    "python.version",
+    "platform",
+)
 
 
 def training_tags(device: object, world_size: int) -> dict[str, str]:
-    """Where training ran (``TRAINING_TAGS``); ``world_size``: DDP processes, 1 for one."""
+    """Where training ran (``TRAINING_TAGS``): the device, torch's version and its threads
+    (intra-op; under DDP each rank's), the DDP processes (1 for one), Python, the platform."""
     import torch
 
     return {
         "device": str(device),
         "torch.version": torch.__version__,
+        "torch.threads": str(torch.get_num_threads()),
         "world_size": str(world_size),
+        "python.version": platform.python_version(),
+        "platform": platform.platform(),
     }
 
 

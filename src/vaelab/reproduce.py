@@ -1,0 +1,329 @@
+"""Re-create a run from its id or name and say whether it came out identical:
+``make reproduce RUN=<run id or name>``.
+
+    python -m vaelab.reproduce --params params.yaml RUN [--threads N] [--experiment NAME]
+
+1. The run is found in the MLflow store (by id, or by name in params.yaml's experiment): a
+   complete training run that recorded what reproduction needs (its commit, its uncommitted
+   changes, its data's MD5s, where it trained).
+2. Its own code, params and data, without touching this workspace: a temporary clone of this
+   repository (``git clone --shared``, which borrows the git objects) at the run's commit (for a
+   run of ``dvc exp run`` or the DVC queue, its experiment's commit) with the run's uncommitted
+   diff applied (``git apply``); the run's logged params in that clone's params.yaml; the data
+   from this repository's DVC cache (else pulled, else fetched by ``prepare``), checked against
+   the run's MD5s.
+3. ``dvc repro --force --downstream train`` there (DVC's run cache would restore, not train),
+   with the run's torch thread count, logging into this repository's MLflow store: a new run,
+   tagged ``vaelab.reproduces``.
+4. The verdict: **identical** (exit 0) when every per-epoch metric but the timings, every
+   evaluation metric and the weights are equal; else **differs** (exit 3), with per metric the
+   largest absolute difference and, as the likely cause, what differs between the two runs'
+   recorded environments (device, torch version and threads, processes, Python, platform) or
+   params. Errors: one line, exit 2. Both runs are tagged (``vaelab.reproduced_by``,
+   ``vaelab.reproduction`` on the original), the comparison is the new run's artifact
+   ``reproduction/comparison.json``.
+
+The clone is removed at the end, also after an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import yaml
+
+from vaelab import params as params_mod
+from vaelab.data import CHECKSUMS_FILE
+from vaelab.errors import VaelabError, run_stage
+from vaelab.model import load
+from vaelab.tracking import reproduction
+from vaelab.tracking.store import project_root, tracking_uri
+from vaelab.tracking.tags import REPRODUCES_ENV
+
+DIFFERS = 3  # the exit status of "differs"; errors are 2 (vaelab.errors.run_stage)
+
+
+def _run(*cmd: str, cwd: Path, env: dict | None = None, quiet: bool = True) -> str:
+    """Run ``cmd`` in ``cwd``; its output (shown as it comes unless ``quiet``); raises on
+    failure with the output in the message."""
+    done = subprocess.run(
+        cmd, cwd=cwd, env=env, text=True, capture_output=quiet, stdin=subprocess.DEVNULL
+    )
+    if done.returncode != 0:
+        output = f"\n{done.stdout}{done.stderr}" if quiet else " (its messages are above)"
+        raise VaelabError(f"`{' '.join(cmd)}` failed in {cwd} (exit {done.returncode}){output}")
+    return done.stdout if quiet else ""
+
+
+def _has_commit(root: Path, commit: str) -> bool:
+    return (
+        subprocess.run(
+            ["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+def source_commit(run, root: Path) -> str:
+    """The commit to re-create ``run`` from: its DVC experiment's (``dvc exp run``, the queue),
+    else the commit it trained at; refused with how to get it when this repository lacks it."""
+    tags = run.data.tags
+    name, baseline = tags.get("dvc.exp_name", ""), tags.get("dvc.baseline_rev", "")
+    if name:
+        refs = _run("git", "for-each-ref", "--format=%(objectname) %(refname)", cwd=root)
+        candidates = [line.split()[0] for line in refs.splitlines() if line.endswith(f"/{name}")]
+        exact = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+        for line in refs.splitlines():
+            if line.endswith(f" {exact}"):
+                return line.split()[0]
+        if len(candidates) == 1:
+            return candidates[0]
+        raise VaelabError(
+            f"run {run.info.run_id} is DVC experiment '{name}' (baseline {baseline[:7]}), which "
+            f"is not in this repository: `dvc exp pull origin {name}` (or `dvc exp list "
+            "--all-commits` to see what is here)."
+        )
+    commit = tags["git.commit"]
+    if not _has_commit(root, commit):
+        raise VaelabError(
+            f"run {run.info.run_id} trained at commit {commit[:12]}, which is not in this "
+            "repository: fetch it (`git fetch origin`, or `git fetch <the clone it ran in>`) and "
+            "run this again."
+        )
+    return commit
+
+
+@contextlib.contextmanager
+def clone_at(root: Path, commit: str) -> Iterator[Path]:
+    """A temporary clone of ``root`` at ``commit`` (git objects borrowed, not copied) that uses
+    ``root``'s DVC cache and remotes; removed afterwards, whatever happens."""
+    folder = Path(tempfile.mkdtemp(prefix="vaelab-reproduce-"))
+    clone = folder / "repo"
+    try:
+        _run(
+            "git", "clone", "--quiet", "--shared", "--no-checkout", str(root), str(clone), cwd=root
+        )
+        _run("git", "checkout", "--quiet", "--detach", commit, cwd=clone)
+        local = root / ".dvc" / "config.local"  # the user's own remotes, if any
+        if local.is_file():
+            shutil.copy2(local, clone / ".dvc" / "config.local")
+        cache = _run(sys.executable, "-m", "dvc", "cache", "dir", cwd=root).strip()
+        _run(sys.executable, "-m", "dvc", "config", "--local", "cache.dir", cache, cwd=clone)
+        yield clone
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _clone_params(clone: Path) -> dict[str, str]:
+    """The clone's params.yaml as its own code reads it, flattened as MLflow logs params."""
+    script = (
+        "import json; from vaelab.params import flatten, load; "
+        "print(json.dumps({k: str(v) for k, v in flatten(load('params.yaml')).items()}))"
+    )
+    env = os.environ | {"PYTHONPATH": str(clone / "src")}
+    return json.loads(_run(sys.executable, "-c", script, cwd=clone, env=env))
+
+
+def write_params(run, clone: Path) -> dict[str, tuple[str, str]]:
+    """The run's logged params in the clone's params.yaml; returns those that differ from the
+    file at the run's commit, {key: (file, run)} (none for an intact run)."""
+    logged = run.data.params
+    before = _clone_params(clone)
+    differing = {
+        k: (before.get(k, "(absent)"), v) for k, v in logged.items() if before.get(k) != v
+    }
+    if not differing:
+        return {}
+    path = clone / "params.yaml"
+    raw = params_mod.load_yaml(path.read_text())
+    for key, (_, value) in differing.items():
+        section, name = key.split(".", 1)
+        parsed = params_mod.load_yaml(value) if value else value
+        kept_string = isinstance(raw.get(section, {}).get(name), str)  # a name, not a number
+        raw.setdefault(section, {})[name] = value if kept_string else parsed
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    after = _clone_params(clone)
+    wrong = {k for k, v in logged.items() if after.get(k) != v}
+    if wrong:
+        raise VaelabError(f"cannot write run {run.info.run_id}'s params {sorted(wrong)} back")
+    return differing
+
+
+def _prepared_data(clone: Path) -> Path:
+    """Where the clone's ``prepare`` stage writes the data (its dvc.yaml's output)."""
+    (out,) = yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]["prepare"]["outs"]
+    return clone / (next(iter(out)) if isinstance(out, dict) else out)
+
+
+def restore_data(run, clone: Path, env: dict) -> None:
+    """The run's data in the clone: from the DVC cache, else pulled, else ``prepare`` (which
+    fetches and verifies); then checked against the run's MD5s."""
+    dvc = (sys.executable, "-m", "dvc")
+    subprocess.run([*dvc, "checkout", "prepare"], cwd=clone, env=env, capture_output=True)
+    try:
+        _run(*dvc, "repro", "--pull", "prepare", cwd=clone, env=env)
+    except VaelabError as error:
+        raise VaelabError(
+            f"the data of run {run.info.run_id} is neither in this repository's DVC cache nor "
+            f"fetchable: {str(error).splitlines()[-1] if str(error) else error}"
+        ) from None
+    checksums = json.loads((_prepared_data(clone) / CHECKSUMS_FILE).read_text())
+    got = {name: entry["md5"] for name, entry in checksums.get("files", {}).items()}
+    wanted = {
+        k.removeprefix("data.md5."): v
+        for k, v in run.data.tags.items()
+        if k.startswith("data.md5.")
+    }
+    differ = [
+        f"{n} (md5 {got.get(n, 'absent')}, the run's {m})"
+        for n, m in wanted.items()
+        if got.get(n) != m
+    ]
+    if differ:
+        raise VaelabError(
+            f"the data prepared for run {run.info.run_id} is not the data it trained on: "
+            f"{'; '.join(differ)}"
+        )
+
+
+def weights_sha256(path: Path) -> str:
+    """SHA-256 of the model's tensors (names, dtypes, shapes, bytes), not of the file: two saves
+    of the same weights by other torch versions still match."""
+    digest = hashlib.sha256()
+    for name, tensor in load(path).state_dict().items():
+        tensor = tensor.detach().cpu().contiguous().flatten()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pipeline_env(original, threads: int) -> dict[str, str]:
+    """The re-created pipeline's environment: this repository's store, the original's id (the
+    new run's ``vaelab.reproduces`` tag), its torch threads; nothing of an enclosing DVC run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_RUN"))}
+    return env | {
+        "MLFLOW_TRACKING_URI": tracking_uri(),
+        REPRODUCES_ENV: original.info.run_id,
+        "OMP_NUM_THREADS": str(threads),
+        # dvc.yaml's commands run `python`: this one, with vaelab's dependencies.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def _weights(run, folder: Path) -> str:
+    local = reproduction.download(run.info.run_id, reproduction.WEIGHTS_ARTIFACT, folder)
+    if local is None:
+        raise VaelabError(f"run {run.info.run_id} has no {reproduction.WEIGHTS_ARTIFACT}")
+    return weights_sha256(local)
+
+
+def reproduce(experiment: str, wanted: str, threads: int | None = None) -> reproduction.Comparison:
+    """Re-create the run ``wanted`` names (steps 1-3 of the module docstring) and compare."""
+    original = reproduction.find_run(experiment, wanted)
+    lacking = reproduction.missing(original)
+    if lacking:
+        raise VaelabError(
+            f"run {original.info.run_id} was recorded before vaelab kept what reproducing it "
+            f"takes: it lacks the tags {', '.join(lacking)}. Record it again with this version "
+            "(`dvc exp apply` its experiment or check out its commit, then `dvc repro`)."
+        )
+    root = project_root()
+    commit = source_commit(original, root)
+    threads = threads or int(original.data.tags["torch.threads"])
+    print(f"reproduce: run {original.info.run_id} from commit {commit[:12]}, {threads} threads")
+    started_ms = int(time.time() * 1000)
+    with tempfile.TemporaryDirectory() as scratch, clone_at(root, commit) as clone:
+        folder = Path(scratch)
+        experiment_run = bool(original.data.tags.get("dvc.exp_name"))  # its commit holds all
+        diff = None if experiment_run else reproduction.uncommitted_diff(original, folder)
+        if diff is not None:
+            _run("git", "apply", "--binary", str(diff), cwd=clone)
+        differing = write_params(original, clone)
+        env = pipeline_env(original, threads)
+        restore_data(original, clone, env)
+        dvc = (sys.executable, "-m", "dvc")
+        _run(*dvc, "repro", "--force", "--downstream", "train", cwd=clone, env=env, quiet=False)
+        new = reproduction.reproduction_of(original.info.run_id, started_ms)
+        if new is None:
+            raise VaelabError(
+                f"the re-created pipeline ended without a FINISHED run tagged "
+                f"{reproduction.REPRODUCES_TAG} = {original.info.run_id}"
+            )
+        weights = (_weights(original, folder / "a"), _weights(new, folder / "b"))
+    comparison = reproduction.compare(original, new, weights, differing)
+    reproduction.mark(comparison, original.data.tags.get("mlflow.runName", ""))
+    return comparison
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+def verdict_lines(comparison: reproduction.Comparison, seconds: float) -> list[str]:
+    """What ``main`` prints: the verdict, and for "differs" each metric that differs (largest
+    absolute difference first) and the likely cause."""
+    c = comparison
+    causes = [f"{k} {a or '(none)'} -> {b or '(none)'}" for k, (a, b) in c.environment.items()]
+    causes += [
+        f"param {k}: {a} in the commit's params.yaml, {b} in the run"
+        for k, (a, b) in c.params.items()
+    ]
+    head = (
+        f"reproduce: run {c.original} re-created as run {c.reproduction} in {_duration(seconds)}"
+    )
+    if c.identical:
+        lines = [
+            head,
+            f"reproduce: identical: {len(c.metrics)} metrics (every epoch's) and the weights "
+            f"(sha256 {c.weights[0][:12]}) are equal",
+        ]
+        if causes:
+            lines.append(f"reproduce: (it ran with {'; '.join(causes)}: no effect on the results)")
+        return lines
+    lines = [head, "reproduce: differs (largest absolute difference):"]
+    differing = sorted((v, k) for k, v in c.metrics.items() if v != 0)
+    for value, key in reversed(differing):
+        lines.append(f"  {key:<34} {'missing' if value == float('inf') else f'{value:.3g}'}")
+    if c.weights[0] != c.weights[1]:
+        lines.append(f"  {'weights (sha256)':<34} {c.weights[0][:12]} vs {c.weights[1][:12]}")
+    lines.append(
+        "reproduce: likely cause: " + "; ".join(causes)
+        if causes
+        else "reproduce: no recorded difference in environment or params: something in the "
+        "code or its data is not deterministic here"
+    )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, required=True, help="for mlflow.experiment")
+    parser.add_argument("run", help="the run's id, or its name in the experiment")
+    parser.add_argument(
+        "--experiment", help="where to look up a run name (default: params.yaml's)"
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: the run's)")
+    args = parser.parse_args(argv)
+    experiment = args.experiment or params_mod.load(args.params).mlflow.experiment
+    started = time.monotonic()
+    comparison = reproduce(experiment, args.run, args.threads)
+    print("\n".join(verdict_lines(comparison, time.monotonic() - started)), flush=True)
+    if not comparison.identical:
+        raise SystemExit(DIFFERS)
+
+
+if __name__ == "__main__":
+    run_stage(main)
