@@ -20,6 +20,7 @@ COMMANDS = (
     "vaelab.compare",
     "vaelab.presets",
     "vaelab.register",
+    "vaelab.reproduce",
     "vaelab.sweep",
     "vaelab.tracking.ui",
 )
