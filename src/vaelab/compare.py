@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from vaelab import params as params_mod
+from vaelab import replicates
 from vaelab.errors import VaelabError, run_stage
 from vaelab.tracking.comparison import log_comparison
 from vaelab.tracking.queries import RANK_METRIC, download_artifact, find_runs, metric_history
@@ -169,15 +170,34 @@ def _label(row: pd.Series, params: list[str]) -> str:
     return f"{name} ({values})" if values else name
 
 
-def plot_curves(table: pd.DataFrame, params: list[str], path: Path) -> None:
+def plot_curves(
+    table: pd.DataFrame, params: list[str], path: Path, grouped: pd.DataFrame | None = None
+) -> None:
+    """The test negative ELBO per epoch of every run; with ``grouped`` (seed replicates), each
+    configuration's mean over its runs with a band from their minimum to their maximum."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for _, row in table.iterrows():
-        history = metric_history(row["run_id"], CURVE_METRIC)
-        if history:
-            ax.plot(*zip(*history, strict=True), marker=".", label=_label(row, params))
-    ax.set(xlabel="epoch", ylabel=f"{CURVE_METRIC} (nats/image)", title="Test negative ELBO")
+    histories = {run_id: metric_history(run_id, CURVE_METRIC) for run_id in table["run_id"]}
+    if grouped is None:
+        for _, row in table.iterrows():
+            if histories[row["run_id"]]:
+                curve = zip(*histories[row["run_id"]], strict=True)
+                ax.plot(*curve, marker=".", label=_label(row, params))
+    else:
+        for _, config in grouped.iterrows():
+            ids = table.loc[table["config"] == config["config"], "run_id"]
+            curves = pd.DataFrame({i: dict(histories[i]) for i in ids}).sort_index()
+            shown = [p for p in params if p in grouped.columns][:3]
+            values = ", ".join(f"{p.split('.')[-1]}={config[p]}" for p in shown)
+            label = f"{values or config['config']} ({config['runs']} runs)"
+            (line,) = ax.plot(curves.index, curves.mean(axis=1), marker=".", label=label)
+            low, high = curves.min(axis=1), curves.max(axis=1)
+            ax.fill_between(curves.index, low, high, color=line.get_color(), alpha=0.2)
+    title = "Test negative ELBO"
+    if grouped is not None:
+        title += " (mean of each configuration's runs, band: their min to max)"
+    ax.set(xlabel="epoch", ylabel=f"{CURVE_METRIC} (nats/image)", title=title)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -267,11 +287,23 @@ def compare(
     title = f"Comparison: experiment `{experiment}`" + (
         f", `{filter_string}`" if filter_string else ""
     )
-    report.write_text(markdown(table, constant, title, metric))
-    csv_path = report.with_suffix(".csv")
+    text, csv_path = markdown(table, constant, title, metric), report.with_suffix(".csv")
+    by_config_path = report.with_name(f"{report.stem}_by_config.csv")
+    config = replicates.configs(runs).set_axis(runs["run_id"]).reindex(table["run_id"])
+    grouped = None
+    if replicates.replicated(config):  # seed replicates: the per-configuration table first
+        grouped = replicates.by_config(table, config, metric, descending, varying)
+        shown = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+        text = replicates.markdown(grouped, shown, varying, metric) + "\n" + text
+        table.insert(1, "config", config.to_numpy())
+        grouped.to_csv(by_config_path, index=False)
+    else:
+        by_config_path.unlink(missing_ok=True)  # an earlier comparison's, not this one's
+    report.write_text(text)
     table.to_csv(csv_path, index=False)
-    files = [report, csv_path, figures / "comparison_curves.png"]
-    plot_curves(table, varying, files[-1])
+    files = [report, csv_path, *([by_config_path] if grouped is not None else [])]
+    files.append(figures / "comparison_curves.png")
+    plot_curves(table, varying, files[-1], grouped)
     files += plot_against_params(table, varying, metric, figures)
     files.append(figures / "comparison_latents.png")
     plot_latents(table, varying, files[-1])

@@ -7,6 +7,8 @@ out-of-range values, naming the file, the key, the value and what is expected.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import math
 import re
 import typing
@@ -342,6 +344,27 @@ def flatten(params: Params) -> dict[str, str | int | float]:
             value = getattr(getattr(params, section.name), f.name)
             flat[f"{section.name}.{f.name}"] = list(value) if isinstance(value, tuple) else value
     return flat
+
+
+# Runs whose params differ only in these keys are replicates of one configuration (the tag
+# ``vaelab.config``, vaelab.replicates): the seeds, and bookkeeping that does not change what is
+# computed (where and how it runs: the device, compilation, the number of DDP processes, which
+# split one global batch; where it is filed: the MLflow experiment and sweep; its figures).
+SEED_KEYS = ("train.seed", "evaluate.seed")
+BOOKKEEPING_KEYS = ("train.device", "train.compile", "train.nproc", "mlflow.*", "plot.*")
+
+
+def is_config_key(key: str) -> bool:
+    """Whether ``key`` ("section.name") is part of a configuration (not a seed or bookkeeping)."""
+    not_config = (*SEED_KEYS, *BOOKKEEPING_KEYS)
+    return key not in not_config and f"{key.split('.', 1)[0]}.*" not in not_config
+
+
+def config_id(flat: dict[str, str]) -> str:
+    """A configuration's id, 12 hex digits: a hash of the configuration keys' values as MLflow
+    logs them (``{"train.lr": "0.001", ...}``); equal for seed replicates."""
+    kept = {key: str(value) for key, value in flat.items() if is_config_key(key)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def defaults() -> Params:

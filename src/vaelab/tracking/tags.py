@@ -13,13 +13,16 @@ from pathlib import Path
 
 import yaml
 
-from vaelab.params import Params, flatten, flatten_yaml, load_yaml
+from vaelab.params import Params, config_id, flatten, flatten_yaml, load_yaml
 from vaelab.tracking.source import git
 
 KIND_TAG = "vaelab.kind"  # "sweep" / "comparison" on the runs that are not training runs
 # A run of the pipeline that ``vaelab.reproduce`` re-creates carries the original's id, from the
 # environment variable REPRODUCES_ENV it sets.
 REPRODUCES_TAG = "vaelab.reproduces"
+# Equal for runs whose params differ only in seeds and bookkeeping (vaelab.params.config_id): the
+# MLflow UI's Group by this tag shows one row per configuration.
+CONFIG_TAG = "vaelab.config"
 REPRODUCES_ENV = "VAELAB_REPRODUCES"
 
 
@@ -72,6 +75,7 @@ def context_tags(
     }
     for name, entry in checksums.get("files", {}).items():
         tags[f"data.md5.{name}"] = entry["md5"]
+    tags[CONFIG_TAG] = config_id({key: str(value) for key, value in flatten(params).items()})
     if os.environ.get(REPRODUCES_ENV):
         tags[REPRODUCES_TAG] = os.environ[REPRODUCES_ENV]
     return tags

@@ -1,0 +1,120 @@
+"""Seed replicates in a comparison: runs of one configuration (the same params but for seeds and
+bookkeeping, ``vaelab.params.config_id``) grouped, each metric's mean and sample standard
+deviation over them, and whether two configurations differ beyond the run-to-run noise.
+
+The noise call is Welch's t-test (two-sided, alpha = 0.05) on the ranking metric of the two
+configurations' runs: it compares means without assuming equal variances (another latent size
+may well vary more from seed to seed), and it works from the handful of runs a sweep has. A
+bootstrap interval over runs (rliable's approach) needs more: with 3 runs a percentile bootstrap
+has 10 distinct resampled means. "Within the noise" means the test cannot tell the two apart at
+that level, not that they are equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from vaelab.params import config_id, is_config_key
+
+NOISE_TEST = "Welch's t-test"
+ALPHA = 0.05
+
+
+def configs(runs: pd.DataFrame) -> pd.Series:
+    """Each run's configuration id, from its logged params (``params.*`` columns) as the runs'
+    ``vaelab.config`` tag holds it."""
+    columns = [c for c in runs.columns if c.startswith("params.")]
+
+    def one(row: pd.Series) -> str:
+        flat = {c.removeprefix("params."): row[c] for c in columns if isinstance(row[c], str)}
+        return config_id(flat)
+
+    return runs.apply(one, axis=1) if len(runs) else pd.Series(dtype=str)
+
+
+def replicated(config: pd.Series) -> bool:
+    """Whether some configuration has more than one run: then the report groups them."""
+    return bool((config.value_counts() > 1).any())
+
+
+def welch(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test for equal means; None when a side has fewer than two
+    values. Two sets without any spread: 1 for equal means, 0 for different ones."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    from scipy import stats
+
+    if pd.Series(a).std() == 0 and pd.Series(b).std() == 0:
+        return 1.0 if pd.Series(a).mean() == pd.Series(b).mean() else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def noise_call(p: float | None) -> str:
+    if p is None:
+        return "untested (a side has 1 run)"
+    verdict = "within the noise" if p >= ALPHA else "beyond the noise"
+    return f"{verdict} (p = {p:.2g})"
+
+
+def by_config(
+    table: pd.DataFrame, config: pd.Series, metric: str, descending: bool, varying: list[str]
+) -> pd.DataFrame:
+    """One row per configuration of the per-run ``table`` (its runs in the order of
+    ``config``): ``config``, ``runs``, the params in ``varying`` that are configuration keys,
+    then ``<column> mean`` and ``<column> sd`` (sample sd, n - 1; NaN for one run) for every
+    numeric column; ranked by ``metric``'s mean; ``vs next``: the noise call against the next
+    configuration down the ranking."""
+    table = table.assign(config=config.to_numpy())
+    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    params = [p for p in varying if is_config_key(p)]
+    rows, values = [], {}
+    for key, runs in table.groupby("config", sort=False):
+        row = {"config": key, "runs": len(runs)}
+        row |= {p: runs[p].iloc[0] for p in params}
+        for column in numeric:
+            row[f"{column} mean"] = runs[column].mean()
+            row[f"{column} sd"] = runs[column].std(ddof=1) if len(runs) > 1 else math.nan
+        rows.append(row)
+        values[key] = runs[metric].dropna().tolist()
+    grouped = pd.DataFrame(rows).sort_values(
+        f"{metric} mean", ascending=not descending, kind="stable"
+    )
+    keys = list(grouped["config"])
+    calls = [noise_call(welch(values[a], values[b])) for a, b in zip(keys, keys[1:], strict=False)]
+    grouped["vs next"] = [*calls, ""]
+    return grouped.reset_index(drop=True)
+
+
+def _mean_sd(row: pd.Series, column: str) -> str:
+    mean, sd = row[f"{column} mean"], row[f"{column} sd"]
+    if isinstance(mean, float) and math.isnan(mean):
+        return ""
+    shown = f"{mean:.4f}" if abs(mean) < 1 else f"{mean:.2f}"
+    if isinstance(sd, float) and math.isnan(sd):
+        return shown
+    return f"{shown} ± " + (f"{sd:.4f}" if abs(sd) < 1 else f"{sd:.2f}")
+
+
+def markdown(grouped: pd.DataFrame, metrics: list[str], params: list[str], metric: str) -> str:
+    """The per-configuration table: mean ± sd over each configuration's runs."""
+    lines = [
+        "## By configuration",
+        "",
+        f"{len(grouped)} configurations (runs equal but for seeds and bookkeeping keys; their "
+        "`vaelab.config` tag), ranked by the mean of "
+        f"`{metric}`; each cell is the mean ± the sample standard deviation over the "
+        f"configuration's runs. `vs next`: {NOISE_TEST} (two-sided, alpha = {ALPHA}) of "
+        f"`{metric}` against the next configuration down.",
+        "",
+    ]
+    params = [p for p in params if p in grouped.columns]
+    shown = ["config", "runs", *params, *metrics, "vs next"]
+    lines.append("| " + " | ".join(shown) + " |")
+    lines.append("|" + "---|" * len(shown))
+    for _, row in grouped.iterrows():
+        cells = [row["config"], str(row["runs"]), *(str(row[p]) for p in params)]
+        cells += [_mean_sd(row, m) for m in metrics]
+        lines.append("| " + " | ".join([*cells, row["vs next"]]) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+"""Seed replicates: the configuration id, the per-configuration means and standard deviations,
+and the noise call (Welch's t-test) on hand-made numbers whose answers are known; then compare
+on a store of hand-made replicate runs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+
+import matplotlib
+import pandas as pd
+import pytest
+
+from vaelab import compare, replicates
+from vaelab.params import BOOKKEEPING_KEYS, SEED_KEYS, config_id, flatten, is_config_key
+
+matplotlib.use("Agg")
+
+
+def test_runs_that_differ_in_seeds_and_bookkeeping_share_a_config_id(tiny_params):
+    flat = {key: str(value) for key, value in flatten(tiny_params).items()}
+    others = {
+        "train.seed": "7",
+        "evaluate.seed": "3",
+        "train.device": "cuda",
+        "train.compile": "True",
+        "train.nproc": "2",
+        "mlflow.experiment": "elsewhere",
+        "mlflow.sweep": "a-sweep",
+        "plot.grid_size": "12",
+    }
+    assert set(others) >= {*SEED_KEYS, "train.device"}
+    assert config_id(flat | others) == config_id(flat)
+    assert len(config_id(flat)) == 12
+    for key, value in {"train.lr": "0.002", "model.latent_dims": "3", "loss.beta": "0.5"}.items():
+        assert config_id(flat | {key: value}) != config_id(flat), key
+    configuration = [key for key in flat if is_config_key(key)]
+    assert "train.epochs" in configuration and "data.binarize" in configuration
+    assert not {"train.seed", "mlflow.sweep", "plot.line_count"} & set(configuration)
+    assert "plot.*" in BOOKKEEPING_KEYS
+
+
+def test_welch_s_test_on_numbers_with_known_answers():
+    # Equal sizes (3) and variances (1): Welch's df is 2(n - 1) = 4, t = d / sqrt(2/3). At the
+    # t-table's two-sided 5 % critical value for 4 degrees of freedom, 2.776445, p is 0.05.
+    d = 2.776445 * math.sqrt(2 / 3)
+    assert replicates.welch([0, 1, 2], [d, d + 1, d + 2]) == pytest.approx(0.05, abs=1e-5)
+    # t = 1 with 4 df, from the closed form of Student's t for 4 degrees of freedom:
+    # P(|T| > t) = 1 - t (6 + t^2) / (4 + t^2)^(3/2), at t = 1: 1 - 7 / 5^1.5.
+    t1 = math.sqrt(2 / 3)
+    assert replicates.welch([0, 1, 2], [t1, t1 + 1, t1 + 2]) == pytest.approx(
+        1 - 7 / 5**1.5, abs=1e-9
+    )
+    assert replicates.noise_call(replicates.welch([1.0, 1.1, 0.9], [5.0, 5.1, 4.9])).startswith(
+        "beyond the noise"
+    )
+    assert replicates.noise_call(replicates.welch([1, 2, 3], [1.5, 2.5, 3.5])).startswith(
+        "within the noise (p = 0.5"
+    )
+    assert replicates.welch([1.0], [2.0, 3.0]) is None
+    assert replicates.noise_call(None) == "untested (a side has 1 run)"
+    assert replicates.welch([2.0, 2.0], [2.0, 2.0]) == 1.0  # no spread, same mean
+    assert replicates.welch([2.0, 2.0], [3.0, 3.0]) == 0.0
+
+
+def test_configurations_get_means_sds_ranks_and_the_noise_call():
+    """Three configurations (lr), runs of two seeds or three: the means and sample standard
+    deviations from the statistics module, the ranking by the metric's mean, the calls."""
+    values = {  # lr -> the metric of each seed's run
+        "0.001": [10.0, 10.4, 9.9],
+        "0.002": [10.2, 10.5],
+        "0.01": [14.0, 14.2, 13.9],
+    }
+    table = pd.DataFrame(
+        [
+            {"run": f"{lr}-{seed}", "train.lr": lr, "train.seed": str(seed), "nll": v, "kl": 2 * v}
+            for lr, runs in values.items()
+            for seed, v in enumerate(runs)
+        ]
+    )
+    config = table["train.lr"].map(lambda lr: f"c{lr}")
+    grouped = replicates.by_config(table, config, "nll", False, ["train.lr", "train.seed"])
+    assert list(grouped.columns[:3]) == ["config", "runs", "train.lr"]
+    assert "train.seed" not in grouped.columns
+    assert list(grouped["train.lr"]) == ["0.001", "0.002", "0.01"]  # means 10.1, 10.35, 14.03
+    assert list(grouped["runs"]) == [3, 2, 3]
+    for _, row in grouped.iterrows():
+        runs = values[row["train.lr"]]
+        assert row["nll mean"] == pytest.approx(statistics.mean(runs))
+        assert row["nll sd"] == pytest.approx(statistics.stdev(runs))  # n - 1
+        assert row["kl mean"] == pytest.approx(2 * statistics.mean(runs))
+    assert grouped["vs next"][0].startswith("within the noise")  # 10.1 vs 10.35
+    assert grouped["vs next"][1].startswith("beyond the noise")  # 10.35 vs 14.03
+    assert grouped["vs next"][2] == ""
+    text = replicates.markdown(grouped, ["nll"], ["train.lr", "train.seed"], "nll")
+    assert "| config | runs | train.lr | nll | vs next |" in text
+    assert f"| c0.001 | 3 | 0.001 | 10.10 ± {statistics.stdev(values['0.001']):.4f} |" in text
+    single = replicates.by_config(table.iloc[:1], config.iloc[:1], "nll", False, [])
+    assert math.isnan(single["nll sd"][0])  # one run: no standard deviation
+
+
+@pytest.fixture
+def replicate_store(tmp_path, monkeypatch):
+    """Two configurations (latent 2 and 5), two seeds each, and one configuration (latent 10)
+    with one seed, in a private store; params as MLflow logs them."""
+    from mlflow.entities import Metric, Param
+
+    from vaelab.tracking.store import connect
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    client, experiment_id = connect("vaelab")
+    nll = {(2, 0): 30.0, (2, 1): 31.0, (5, 0): 24.0, (5, 1): 24.6, (10, 0): 24.2}
+    for (latent, seed), value in nll.items():
+        run_id = client.create_run(experiment_id, run_name=f"z{latent}-s{seed}").info.run_id
+        params = {"model.latent_dims": str(latent), "train.seed": str(seed), "train.lr": "0.001"}
+        metrics = [Metric("eval/test_iw/nll", value, 0, 0)]
+        metrics += [Metric("epoch/test/neg_elbo", value + 3 - e + seed, 0, e) for e in (1, 2)]
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], metrics=metrics)
+        client.set_terminated(run_id, "FINISHED")
+    return tmp_path, nll
+
+
+def test_compare_groups_replicates_into_a_table_a_csv_and_banded_curves(replicate_store):
+    folder, nll = replicate_store
+    report = folder / "reports" / "comparison.md"
+    files = compare.compare("vaelab", report, folder / "figures", log=False)
+    by_config = folder / "reports" / "comparison_by_config.csv"
+    assert by_config in files and (folder / "figures" / "comparison_curves.png") in files
+    rows = list(csv.DictReader(by_config.open()))
+    assert [r["model.latent_dims"] for r in rows] == ["10", "5", "2"]  # 24.2, 24.3, 30.5
+    mean = {r["model.latent_dims"]: float(r["eval/test_iw/nll mean"]) for r in rows}
+    assert mean == pytest.approx(
+        {"5": statistics.mean([24.0, 24.6]), "10": 24.2, "2": statistics.mean([30.0, 31.0])}
+    )
+    sd = {r["model.latent_dims"]: r["eval/test_iw/nll sd"] for r in rows}
+    assert float(sd["5"]) == pytest.approx(statistics.stdev([24.0, 24.6]))
+    assert sd["10"] == ""  # one run
+    assert [r["runs"] for r in rows] == ["1", "2", "2"]
+    assert "train.seed" not in rows[0] and "config" in rows[0]
+    text = report.read_text()
+    assert text.index("## By configuration") < text.index("| run |")
+    assert "untested (a side has 1 run)" in text
+    per_run = list(csv.DictReader(report.with_suffix(".csv").open()))
+    assert len({r["config"] for r in per_run}) == 3
+
+
+def test_a_comparison_without_replicates_looks_as_before(replicate_store):
+    folder, _ = replicate_store
+    report = folder / "reports" / "comparison.md"
+    stale = folder / "reports" / "comparison_by_config.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("an earlier comparison's\n")
+    runs = compare.find_runs("vaelab")
+    one_each = list(runs.drop_duplicates("params.model.latent_dims")["run_id"])
+    files = compare.compare("vaelab", report, folder / "figures", run_ids=one_each, log=False)
+    assert not stale.exists() and stale not in files
+    assert "By configuration" not in report.read_text()
+    assert "config" not in next(csv.reader(report.with_suffix(".csv").open()))
