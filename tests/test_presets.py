@@ -134,3 +134,15 @@ def test_dry_run_prints_the_command_and_unknown_presets_fail(capsys):
         presets.main(["--dir", str(PRESETS), "--params", str(PROJECT / "params.yaml"), "iwae"])
     assert exit_info.value.code == 2
     assert "no preset 'iwae'" in capsys.readouterr().err
+
+
+def test_a_preset_sets_the_keys_of_a_configuration_but_the_data_source():
+    """Two lists, each safe in its own direction (a new key is machine-only for presets until
+    listed, and part of a configuration for grouping replicates until excluded); they must agree
+    on every key there is: where the data come from is the machine's, not a preset's."""
+    from vaelab import params as params_mod
+    from vaelab.presets import is_preset_key
+
+    for key in params_mod.flatten(params_mod.defaults()):
+        expected = params_mod.is_config_key(key) and key != "data.source"
+        assert is_preset_key(key) == expected, key

@@ -44,7 +44,9 @@ CONFIG_KEYS = (
 )
 
 
-def is_config_key(key: str) -> bool:
+def is_preset_key(key: str) -> bool:
+    """Whether a preset sets ``key``. (A run's configuration id, ``vaelab.params.config_id``,
+    counts the same keys and the data source: tests/test_presets.py keeps them so.)"""
     return key in CONFIG_KEYS or f"{key.split('.')[0]}.*" in CONFIG_KEYS
 
 
@@ -64,7 +66,7 @@ def read_preset(path: Path) -> dict[str, Any]:
         raise VaelabError(f"{path}: expected sections of keys (loss: {{beta: 0.5}}), got {raw!r}.")
     flat = params_mod.flatten_yaml(raw)
     for key in flat:
-        if not is_config_key(key):
+        if not is_preset_key(key):
             raise VaelabError(
                 f"{path}: '{key}' is not a configuration key; a preset sets only "
                 f"{', '.join(CONFIG_KEYS)}. Machine and bookkeeping keys stay in params.yaml."
@@ -80,7 +82,7 @@ def resolve(
     raw = dataclasses.asdict(current)
     for section, values in dataclasses.asdict(params_mod.defaults()).items():
         for key, value in values.items():
-            if is_config_key(f"{section}.{key}"):
+            if is_preset_key(f"{section}.{key}"):
                 raw[section][key] = value
     for key, value in [*preset.items(), *overrides.items()]:
         section, name = key.split(".", 1)
