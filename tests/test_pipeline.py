@@ -362,12 +362,12 @@ def test_a_queued_grid_is_a_parent_run_with_a_child_per_combination_grouped_by_c
     run(repo, "git", "commit", "-qam", "one epoch")
     sweep = [sys.executable, "-m", "vaelab.sweep", "--params", "params.yaml", "--label", "grid"]
     sweep += ["--report", "reports/comparison.md", "--figures", "reports/comparison"]
-    grid = "model.latent_dims=2,3 train.seed=1,2"
+    grid = "model.latent_dims=3,4 train.seed=1,2"
     output = run(repo, *sweep, "--grid", grid, "--jobs", "2", timeout=900)
     parent, *done = runs(repo)
     assert (parent.info.run_name, parent.data.params) == (
         "grid",
-        {"sweep.model.latent_dims": "2,3", "sweep.train.seed": "1,2"},
+        {"sweep.model.latent_dims": "3,4", "sweep.train.seed": "1,2"},
     )
     assert len(done) == 4
     for r in done:  # as each experiment started and ended, a line with its name and params
@@ -378,20 +378,20 @@ def test_a_queued_grid_is_a_parent_run_with_a_child_per_combination_grouped_by_c
     # The sweep is one expandable row in the UI: all runs are the parent's children.
     assert [r.data.tags["mlflow.parentRunId"] for r in done] == [parent.info.run_id] * 4
     assert sorted(r.data.tags["params.changed"] for r in done) == [
-        f"model.latent_dims={z}, train.seed={s}, mlflow.sweep=grid" for z in (2, 3) for s in (1, 2)
+        f"model.latent_dims={z}, train.seed={s}, mlflow.sweep=grid" for z in (3, 4) for s in (1, 2)
     ]
     by_latent = {}
     for r in done:
         assert r.data.tags["dvc.exp_name"] == r.info.run_name and r.data.tags["sweep"] == "grid"
         by_latent.setdefault(r.data.params["model.latent_dims"], []).append(r)
     configs = {z: {r.data.tags["vaelab.config"] for r in rs} for z, rs in by_latent.items()}
-    assert all(len(ids) == 1 for ids in configs.values()) and configs["2"] != configs["3"]
+    assert all(len(ids) == 1 for ids in configs.values()) and configs["3"] != configs["4"]
     last = done[-1]
     run(repo, "dvc", "exp", "apply", last.info.run_name)
     assert_complete(repo, last, repo / "params.yaml")
     # The comparison: per configuration, n = 2, the mean and sample sd of its two runs.
     rows = list(csv.DictReader((repo / "reports" / "comparison_by_config.csv").open()))
-    assert sorted(r["model.latent_dims"] for r in rows) == ["2", "3"]
+    assert sorted(r["model.latent_dims"] for r in rows) == ["3", "4"]
     for row in rows:
         pair = by_latent[row["model.latent_dims"]]
         assert row["runs"] == "2" and row["config"] == pair[0].data.tags["vaelab.config"]
