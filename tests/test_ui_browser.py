@@ -287,3 +287,43 @@ def test_the_make_ui_link_opens_runs_with_models_datasets_and_curves_first(
             print(f"screenshot: {tmp_path / 'ui_runs_charts.png'}")
     finally:
         page.close()
+
+
+def test_group_by_the_config_tag_shows_one_row_per_configuration(
+    browser, filled_server, tmp_path: Path
+):
+    """The steps of docs/comparing.md: the runs table, Group by, the tag vaelab.config. The two
+    runs of the shared server differ only in evaluate.seed: one configuration, one group row of
+    2 runs named after the id REST gives, both runs under it."""
+    server, runs = filled_server.server, filled_server.runs
+    configs = {
+        next(t["value"] for t in run["data"]["tags"] if t["key"] == "vaelab.config")
+        for run in runs
+    }
+    assert len(configs) == 1, configs  # evaluate.seed is a seed: the same configuration
+    (config,) = configs
+    expect = sync_api.expect
+    page = new_page(browser)
+    try:
+        page.goto(
+            f"{server.url}/#/experiments/{filled_server.experiment_id}/runs"
+            "?workflowType=machine_learning"
+        )
+        try:
+            expect(page.get_by_role("link", name=runs[0]["info"]["run_name"])).to_be_visible()
+            page.get_by_role("button", name="Group by").first.click()
+            page.get_by_text("vaelab.config", exact=True).last.click()
+            page.keyboard.press("Escape")
+            group = page.get_by_text(f"Group: {config}", exact=True)
+            expect(group).to_be_visible()
+            row = page.locator("[role=row]").filter(has=group)
+            # The group's name, then its count of runs.
+            expect(row).to_contain_text(re.compile(rf"Group: {config}\s*2(\D|$)"))
+            for run in runs:
+                name = run["info"]["run_name"]
+                expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+        finally:
+            page.screenshot(path=tmp_path / "ui_group_by_config.png")
+            print(f"screenshot: {tmp_path / 'ui_group_by_config.png'}")
+    finally:
+        page.close()
