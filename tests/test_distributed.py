@@ -5,8 +5,10 @@ reduction order, with one MLflow run holding one value per epoch."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import N_TRAIN
-from tests.test_faults import client, env_for, train_cmd, write_params
+from tests.conftest import N_TRAIN, write_fake_mnist
+from tests.test_faults import TIMING, client, env_for, train_args, train_cmd, write_params
+from vaelab import distributed
 from vaelab import params as params_mod
 from vaelab.data import prepare_custom
 from vaelab.errors import VaelabError
@@ -27,16 +30,21 @@ from vaelab.history import read as read_history
 TOLERANCE = 1e-4
 
 
-def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist):
-    prepare_custom(tmp_path / "MNIST", fake_mnist, log=lambda message: None)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict[int, Path]]:
+    """Fake data and two uninterrupted trainings of 2 epochs through `python -m vaelab.train`,
+    with 1 and 2 processes (same seed and global batch): (data dir, {nproc: output folder})."""
+    folder = tmp_path_factory.mktemp("ddp")
+    write_fake_mnist(folder / "custom")
+    prepare_custom(folder / "MNIST", folder / "custom", log=lambda message: None)
     results = {}
     for nproc in (1, 2):
-        out = tmp_path / f"nproc{nproc}"
+        out = folder / f"nproc{nproc}"
         out.mkdir()
         params = write_params(out / "params.yaml", nproc=nproc, batch_size=32)
         done = subprocess.run(
-            train_cmd(params, tmp_path / "MNIST", out),
-            cwd=tmp_path,
+            train_cmd(params, folder / "MNIST", out),
+            cwd=folder,
             env=env_for(out / "mlflow.db"),
             capture_output=True,
             text=True,
@@ -44,9 +52,20 @@ def test_two_gloo_processes_match_one_process(tmp_path, fake_mnist):
         )
         assert done.returncode == 0, done.stdout + done.stderr
         results[nproc] = out
-    one = torch.load(results[1] / "vae.pt", weights_only=True)["state_dict"]
-    two = torch.load(results[2] / "vae.pt", weights_only=True)["state_dict"]
-    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    return folder / "MNIST", results
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "vae.pt", weights_only=True)["state_dict"]
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_gloo_processes_match_one_process(uninterrupted):
+    _, results = uninterrupted
+    worst = largest_difference(weights(results[1]), weights(results[2]))
     print(f"max |weight difference| 1 vs 2 processes: {worst:.3g}")
     assert worst < TOLERANCE, worst
     history_one, history_two = (
@@ -106,16 +125,21 @@ def killed_run(out: Path):
 
 def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, fake_mnist):
     """SIGINT to `python -m vaelab.train` (what Ctrl-C or DVC sends) is passed to torchrun and
-    its ranks; the stage ends with the one-line message and exit 2, the run KILLED."""
+    its ranks; the stage ends with the one-line message and exit 2, the run KILLED. Restarts are
+    on (train.max_restarts, 3 by default) and do not bring it back: a restarted group would
+    resume the 500 epochs and run on."""
+    assert params_mod.defaults().train.max_restarts > 0
     process, out = start_ddp_training(tmp_path, fake_mnist)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 2
+    assert "resuming after epoch" not in stdout
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: interrupted (SIGINT): the training processes stopped"), last
     assert "error: interrupted after epoch" in stderr and "marked KILLED" in stderr  # rank 0's
     run = killed_run(out)
     assert run.info.status == "KILLED", run.data.tags.get("vaelab.error")
+    assert "vaelab.restarts" not in run.data.tags
     assert not (out / "vae.pt").exists()
 
 
@@ -207,3 +231,239 @@ def test_iwae_rank_losses_average_to_the_global_batch_gradient(batch, world):
     for i, expected in enumerate(full):
         average = sum(g[i] for g in per_rank) / world
         torch.testing.assert_close(average, expected, rtol=1e-10, atol=1e-12)
+
+
+# vaelab.train under `python -m torch.distributed.run SCRIPT`, the rank RANK killing itself
+# (SIGKILL) on the first start once every rank has passed the barrier after the checkpoint of
+# epoch EPOCH, i.e. at the start of the next epoch. argv: EPOCH RANK TRAIN-ARGS...
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from vaelab import distributed, train
+from vaelab.errors import run_stage
+epoch, rank, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+barrier, passed = distributed.barrier, []
+def barrier_then_kill(world):
+    barrier(world)
+    passed.append(world)
+    if len(passed) == epoch and world.rank == rank and distributed.restart_count() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+distributed.barrier = barrier_then_kill
+run_stage(lambda: train.main(argv))
+"""
+# The same, but on rank 1 the checkpoint reads otherwise than on rank 0: HOW is "missing" (a
+# node that does not see the file) or "other-code" (a node running other code).
+# argv: HOW TRAIN-ARGS...
+RANK_1_READS_OTHERWISE = """
+import os, sys
+from vaelab import checkpoints, train
+from vaelab.errors import run_stage
+how, argv = sys.argv[1], sys.argv[2:]
+if os.environ["RANK"] == "1" and how == "missing":
+    checkpoints.CheckpointFile.load = lambda self: (None, "")
+elif os.environ["RANK"] == "1":
+    config = checkpoints.training_config
+    checkpoints.training_config = lambda *a, **k: config(*a, **k) | {"code.vaelab.model": "0"}
+run_stage(lambda: train.main(argv))
+"""
+
+
+def torchrun(tmp_path: Path, script: str, *args: str, max_restarts: int) -> list[str]:
+    """torchrun with 2 gloo processes on this machine running ``script`` with ``args`` (its
+    environment needs distributed.RESTARTABLE, as docs/scale.md says for torchrun by hand)."""
+    path = tmp_path / "worker.py"
+    path.write_text(script)
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [*run, f"--max-restarts={max_restarts}", str(path), *args]
+
+
+def the_run(store: Path):
+    found = client(store).search_runs(["1"])
+    assert len(found) == 1, [r.info.run_id for r in found]
+    return found[0]
+
+
+def without_timing(out: Path) -> list[dict]:
+    rows = read_history(out / "history.csv")
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_lost_process_is_restarted_and_resumes_bit_identical(tmp_path, uninterrupted, rank):
+    """SIGKILL of one rank early in epoch 2: torchrun restarts both (--max-restarts 1), every
+    rank resumes from epoch 1's checkpoint, and the stage ends well: the same weights, bit for
+    bit, and history as the uninterrupted 2-process run, one MLflow run with each epoch logged
+    once, tagged with the restart."""
+    data_dir, results = uninterrupted
+    out, store = tmp_path / "out", tmp_path / "mlflow.db"
+    out.mkdir()
+    params = write_params(out / "params.yaml", nproc=2, batch_size=32, max_restarts=1)
+    args = train_args(params, data_dir, out)
+    done = subprocess.run(
+        torchrun(tmp_path, KILL_AFTER_CHECKPOINT, "1", str(rank), *args, max_restarts=1),
+        env=env_for(store) | distributed.RESTARTABLE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "train: resuming after epoch 1 from" in done.stdout, done.stdout
+    expected = weights(results[2])
+    got = weights(out)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert without_timing(out) == without_timing(results[2])
+    run = the_run(store)
+    assert run.info.status == "RUNNING"  # record completes it, as after any train stage
+    assert "vaelab.error" not in run.data.tags
+    assert run.data.tags["vaelab.restarts"] == "1"
+    assert run.data.tags["vaelab.resumed_after_epoch"] == "1"
+    for key in HISTORY_METRICS:
+        assert [m.step for m in client(store).get_metric_history(run.info.run_id, key)] == [1, 2]
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory, uninterrupted) -> Path:
+    """A 2-process training whose rank 0 was killed early in epoch 2, not restarted: its
+    folder holds epoch 1's checkpoint and the store with the run (left RUNNING)."""
+    data_dir, _ = uninterrupted
+    folder = tmp_path_factory.mktemp("checkpointed")
+    out = folder / "out"
+    out.mkdir()
+    params = write_params(out / "params.yaml", nproc=2, batch_size=32, max_restarts=0)
+    done = subprocess.run(
+        torchrun(
+            folder,
+            KILL_AFTER_CHECKPOINT,
+            "1",
+            "0",
+            *train_args(params, data_dir, out),
+            max_restarts=0,
+        ),
+        env=env_for(folder / "mlflow.db") | distributed.RESTARTABLE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0, done.stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    return folder
+
+
+def copy_of(folder: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of ``folder``: (outputs, store)."""
+    shutil.copytree(folder, tmp_path / "copy")
+    return tmp_path / "copy" / "out", tmp_path / "copy" / "mlflow.db"
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path, uninterrupted, checkpointed):
+    """The global batch is the same whatever the processes: a run checkpointed by 2 processes
+    finishes on 1 (a node lost for good), in the same MLflow run, within float reduction order
+    of the uninterrupted 2-process and 1-process runs."""
+    data_dir, results = uninterrupted
+    out, store = copy_of(checkpointed, tmp_path)
+    params = write_params(out / "params.yaml", nproc=1, batch_size=32)
+    done = subprocess.run(
+        train_cmd(params, data_dir, out), env=env_for(store), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "train: resuming after epoch 1 from" in done.stdout
+    for nproc in (2, 1):
+        worst = largest_difference(weights(out), weights(results[nproc]))
+        print(f"max |weight difference| 2 then 1 process vs {nproc} throughout: {worst:.3g}")
+        assert worst < TOLERANCE, (nproc, worst)
+    run = the_run(store)
+    for key in HISTORY_METRICS:
+        assert [m.step for m in client(store).get_metric_history(run.info.run_id, key)] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("missing", "rank 1 finds no checkpoint there"),
+        ("other-code", "rank 1 starts fresh (the code of vaelab.model changed since"),
+    ],
+)
+def test_ranks_that_read_the_checkpoint_otherwise_are_refused_on_every_rank(
+    tmp_path, uninterrupted, checkpointed, how, said
+):
+    """Rank 0 would resume from epoch 1; rank 1 does not see the file (several machines without
+    shared storage) or runs other code: every rank stops with the reason before training,
+    nothing is overwritten, and torchrun's restart stops at once too."""
+    data_dir, _ = uninterrupted
+    out, store = copy_of(checkpointed, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    params = out / "params.yaml"
+    params.write_text(params.read_text().replace("max_restarts: 0", "max_restarts: 1"))
+    before[params.name] = params.read_bytes()
+    done = subprocess.run(
+        torchrun(
+            tmp_path,
+            RANK_1_READS_OTHERWISE,
+            how,
+            *train_args(params, data_dir, out),
+            max_restarts=1,
+        ),
+        env=env_for(store) | distributed.RESTARTABLE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    refusal = f"error: the 2 processes do not agree on the checkpoint {out / 'checkpoint.pt'}: "
+    assert [e.startswith(refusal) for e in errors] == [True, True, False, False], errors
+    assert "rank 0 resumes after epoch 1 of MLflow run" in errors[0] and said in errors[0]
+    # The one restart: each process stops at once, with the reason.
+    again = "error: not restarted after a final failure: the 2 processes do not agree"
+    assert all(e.startswith(again) for e in errors[2:]), errors
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".stopped"} == before
+    assert "epoch   2/2" not in done.stdout
+
+
+def test_a_diverging_run_is_not_restarted(tmp_path, uninterrupted):
+    """Divergence is final: the run is FAILED with the reason, and the restarted processes stop
+    at once instead of training into the same NaN again."""
+    data_dir, _ = uninterrupted
+    out, store = tmp_path / "out", tmp_path / "mlflow.db"
+    out.mkdir()
+    params = write_params(out / "params.yaml", nproc=2, batch_size=32, lr=1e30, max_restarts=2)
+    done = subprocess.run(
+        train_cmd(params, data_dir, out),
+        env=env_for(store),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    diverged = "error: the training loss became NaN or infinite at epoch 1"
+    again = "error: not restarted after a final failure: the training loss became NaN"
+    # Both processes of the first start, then both of each of the 2 restarts, then the launcher.
+    assert [e.startswith(diverged) for e in errors[:2]] == [True, True], errors
+    assert [e.startswith(again) for e in errors[2:6]] == [True] * 4, errors
+    assert errors[6:] == [
+        "error: the 2 training processes failed (torchrun exit code 1); their messages are above."
+    ]
+    run = the_run(store)
+    assert run.info.status == "FAILED" and "NaN or infinite" in run.data.tags["vaelab.error"]
+
+
+def test_torchrun_by_hand_without_its_own_stores_is_warned_about(monkeypatch):
+    """What the processes see of torchrun: restarts on and the agent's store shared (the
+    default) gives the warning; restarts off, or stores of its own, none."""
+    for name in ("TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.unrestartable_warning() is None  # no torchrun
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert distributed.unrestartable_warning() is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in distributed.unrestartable_warning()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what RESTARTABLE leads to
+    assert distributed.unrestartable_warning() is None
+    assert distributed.launch_command(2, ["--params", "p.yaml"], 3)[4:7] == [
+        "--nproc_per_node=2",
+        "--max-restarts=3",
+        "-m",
+    ]

@@ -1,5 +1,6 @@
 """End-of-epoch training checkpoints (``models/train_checkpoint.pt``): what one must match to be
-resumed from, and writing and reading them. Only rank 0 of a single-process run writes them."""
+resumed from, and writing and reading them. Rank 0 writes them (the only rank of a single
+process); under DDP every rank reads them to resume (``vaelab.train.resume_from``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ from vaelab.imports import module_files, reached_modules
 from vaelab.params import Params
 
 VERSION = 1
-# The params sections the train stage reads: a checkpoint resumes only when these are unchanged.
+# The params sections the train stage reads: a checkpoint resumes only when these are unchanged,
+# but for the keys below.
 TRAIN_SECTIONS = ("data", "model", "loss", "train", "mlflow")
+# How many processes share the global batch (the maths is the same: a run checkpointed by 2
+# processes resumes on 1 after losing a node) and how often torchrun restarts them.
+NOT_FINGERPRINTED = ("train.nproc", "train.max_restarts")
 TRAIN_STAGE = "vaelab.train"
 
 
@@ -26,7 +31,11 @@ def training_config(params: Params, device: torch.device) -> dict[str, str]:
     module the train stage runs (a fixed loss must not continue old weights), torch and the device
     type (RNG states differ between CPU and CUDA)."""
     flat = params_mod.flatten(params)
-    config = {k: str(v) for k, v in flat.items() if k.split(".")[0] in TRAIN_SECTIONS}
+    config = {
+        k: str(v)
+        for k, v in flat.items()
+        if k.split(".")[0] in TRAIN_SECTIONS and k not in NOT_FINGERPRINTED
+    }
     for module in reached_modules(TRAIN_STAGE):
         for path in module_files(module):  # a package's data files are its code too
             key = f"code.{module}" if path.suffix == ".py" else f"code.{module}/{path.name}"

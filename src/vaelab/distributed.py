@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -52,14 +53,16 @@ def from_env() -> World:
     )
 
 
-def launch_command(nproc: int, argv: list[str]) -> list[str]:
-    """This train command again, under torchrun on this machine with ``nproc`` processes."""
+def launch_command(nproc: int, argv: list[str], max_restarts: int = 0) -> list[str]:
+    """This train command again, under torchrun on this machine with ``nproc`` processes, which
+    torchrun starts again up to ``max_restarts`` times when one of them fails."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
         "-m",
         "vaelab.train",
         *argv,
@@ -94,6 +97,21 @@ def start(world: World, device_type: str) -> torch.device:
 def stop(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank is here (under DDP; nothing in a single process)."""
+    if world.size > 1:
+        dist.barrier()
+
+
+def gather(value: object, world: World) -> list[object]:
+    """Every rank's ``value`` (a small picklable object), in rank order, on every rank."""
+    if world.size == 1:
+        return [value]
+    values: list[object] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
@@ -202,13 +220,76 @@ class StopFlag:
         return self.signal is not None
 
 
-def launch(nproc: int, argv: list[str]) -> None:
+# torchrun shares its rendezvous store with the processes' process group by default, and a
+# restarted group may then read the last attempt's addresses and fail to connect ("Gloo
+# connectFullMesh failed ... Connection refused", seen here; pytorch/pytorch#135712). With this
+# set, each attempt gets a store of its own.
+RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def unrestartable_warning() -> str | None:
+    """A warning when torchrun (started by hand) would restart the processes but shares its
+    store with them (``RESTARTABLE`` unset): the restart would likely fail to connect."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        ((name, value),) = RESTARTABLE.items()
+        return (
+            f"warning: torchrun may restart these processes {restarts} times, but without "
+            f"{name}={value} in its environment a restarted group may fail to connect "
+            "(pytorch/pytorch#135712); set it where torchrun starts (docs/scale.md)."
+        )
+    return None
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this worker group (0: the first start, or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+class FinalStop:
+    """A failure torchrun must not restart: a divergence, a refusal, a Ctrl-C or SIGTERM the
+    ranks agreed on (``VaelabError``, ``KeyboardInterrupt``). torchrun restarts a failed worker
+    group whatever the reason, so rank 0 leaves the failure's message in ``path`` (beside the
+    checkpoint); a restarted group finds it and stops at once with it, instead of training
+    again. A first start removes an old one. A lost process (killed, out of memory, a node gone)
+    fails the others' collective calls with a ``RuntimeError``: that is what restarts are for.
+    In a single process it does nothing."""
+
+    def __init__(self, path: Path, world: World) -> None:
+        self.path = path
+        self.world = world
+
+    def check(self) -> None:
+        """Stop a restarted group after a final failure; forget an old one on a first start."""
+        if self.world.size == 1:
+            return
+        if restart_count() == 0:
+            if self.world.is_main:
+                self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            raise VaelabError(f"not restarted after a final failure: {self.path.read_text()}")
+
+    @contextlib.contextmanager
+    def recorded(self) -> Iterator[None]:
+        """Record a final failure raised inside the block (rank 0; DDP only)."""
+        try:
+            yield
+        except (VaelabError, KeyboardInterrupt) as error:
+            if self.world.size > 1 and self.world.is_main:
+                reason = str(error) or "interrupted (Ctrl-C or SIGTERM)"
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text(reason)
+            raise
+
+
+def launch(nproc: int, argv: list[str], max_restarts: int = 0) -> None:
     """Run this train command again as ``nproc`` DDP processes under torchrun and wait; Ctrl-C
-    and SIGTERM are passed on (torchrun passes them to every rank)."""
-    command = launch_command(nproc, argv)
+    and SIGTERM are passed on (torchrun passes them to every rank, and does not restart after
+    them). torchrun restarts the processes up to ``max_restarts`` times when one fails."""
+    command = launch_command(nproc, argv, max_restarts)
     print(f"train: {nproc} processes: {' '.join(command[1:])}", flush=True)
     # Its own session: a terminal's Ctrl-C reaches torchrun once, through the forward below.
-    launcher = subprocess.Popen(command, start_new_session=True)
+    launcher = subprocess.Popen(command, start_new_session=True, env=os.environ | RESTARTABLE)
     forwarded: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
@@ -229,8 +310,8 @@ def launch(nproc: int, argv: list[str]) -> None:
     if forwarded:  # the ranks agreed on the stop (StopAgreement); rank 0 recorded the run
         raise VaelabError(
             f"interrupted ({signal.Signals(forwarded[0]).name}): the training processes stopped; "
-            "rank 0's message above says what became of the MLflow run. Distributed runs do not "
-            "resume: `dvc repro` starts training again."
+            "rank 0's message above says what became of the MLflow run. Run `dvc repro` (or "
+            "this command) again to resume from the last complete epoch."
         )
     if code != 0:
         raise VaelabError(

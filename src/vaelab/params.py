@@ -81,6 +81,7 @@ class TrainParams:
     compile: bool = False
     kl_warmup_epochs: int = 0
     nproc: int = 1
+    max_restarts: int = 3
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.kl_warmup_epochs": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "train.nproc": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024 (1 = no DDP)"),
+    "train.max_restarts": (lambda v: 0 <= v <= 100, "an integer from 0 to 100 (0 = never)"),
     "train.lr": (lambda v: v > 0, "a number > 0"),
     "train.adam_betas": (
         lambda v: all(0 <= b < 1 for b in v),
@@ -349,9 +351,17 @@ def flatten(params: Params) -> dict[str, str | int | float]:
 # Runs whose params differ only in these keys are replicates of one configuration (the tag
 # ``vaelab.config``, vaelab.replicates): the seeds, and bookkeeping that does not change what is
 # computed (where and how it runs: the device, compilation, the number of DDP processes, which
-# split one global batch; where it is filed: the MLflow experiment and sweep; its figures).
+# split one global batch, and their restarts; where it is filed: the MLflow experiment and sweep;
+# its figures).
 SEED_KEYS = ("train.seed", "evaluate.seed")
-BOOKKEEPING_KEYS = ("train.device", "train.compile", "train.nproc", "mlflow.*", "plot.*")
+BOOKKEEPING_KEYS = (
+    "train.device",
+    "train.compile",
+    "train.nproc",
+    "train.max_restarts",
+    "mlflow.*",
+    "plot.*",
+)
 
 
 def is_config_key(key: str) -> bool:

@@ -43,11 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     params = params_mod.load(args.params)
     world = distributed.from_env()
     if params.train.nproc > 1 and world.size == 1:
-        distributed.launch(params.train.nproc, sys.argv[1:] if argv is None else list(argv))
+        argv = sys.argv[1:] if argv is None else list(argv)
+        distributed.launch(params.train.nproc, argv, params.train.max_restarts)
         return
+    # Under torchrun: a restarted group after a divergence or Ctrl-C stops at once.
+    final = distributed.FinalStop(
+        args.checkpoint.with_name(f"{args.checkpoint.name}.stopped"), world
+    )
+    final.check()
     # Ctrl-C / SIGTERM: stop between two steps.
     stop = distributed.StopFlag(repeat_stops_at_once=world.size == 1)
-    with stop.installed():
+    with stop.installed(), final.recorded():
         train_stage(args, params, world=world, stop=stop)
 
 
@@ -58,7 +64,8 @@ def train_stage(
     world: distributed.World,
     stop: distributed.StopFlag,
 ) -> None:
-    """Load the data, join the DDP group if there is one, train (rank 0 also records)."""
+    """Load the data, join the DDP group if there is one, agree on the checkpoint to resume
+    from, train (rank 0 also writes checkpoints and records)."""
     device = device_mod.resolve(params.train.device)
     train_images, _ = load_split(args.data_dir, train=True)
     test_images, _ = load_split(args.data_dir, train=False)
@@ -71,16 +78,35 @@ def train_stage(
                 "multiple of the number of processes."
             )
         device = distributed.start(world, device.type)
+        warning = distributed.unrestartable_warning()
+        if warning and world.is_main:
+            print(warning, file=sys.stderr, flush=True)
     try:
+        checksums = json.loads((args.data_dir / CHECKSUMS_FILE).read_text())
+        checkpoint = checkpoints.CheckpointFile.of(
+            args.checkpoint, params=params, device=device, checksums=checksums
+        )
+        resume = resume_from(checkpoint, world)
         if world.is_main:
             images = (train_images, test_images)
-            train_and_record(args, params, device=device, images=images, stop=stop, world=world)
+            train_and_record(
+                args,
+                params,
+                device=device,
+                images=images,
+                stop=stop,
+                world=world,
+                checkpoint=checkpoint,
+                resume=resume,
+                checksums=checksums,
+            )
         else:  # the other DDP ranks train; rank 0 writes and logs
             train_model(
                 params,
                 train_images,
                 test_images,
                 device=device,
+                resume=resume,
                 stop_requested=stop.is_set,
                 world=world,
             )
@@ -96,35 +122,27 @@ def train_and_record(
     images: tuple[torch.Tensor, torch.Tensor],
     stop: distributed.StopFlag,
     world: distributed.World,
+    checkpoint: checkpoints.CheckpointFile,
+    resume: dict | None,
+    checksums: dict,
 ) -> None:
-    """Rank 0's part (the only part without DDP): train with checkpoints (single process only),
-    log to MLflow, write the model, history and run info. ``images``: (train, test)."""
-    checksums = json.loads((args.data_dir / CHECKSUMS_FILE).read_text())
+    """Rank 0's part (the only part without DDP): train from ``resume`` (or from scratch),
+    write a checkpoint after every epoch, log to MLflow, write the model, history and run info.
+    ``images``: (train, test)."""
     ddp = f", {world.size} DDP processes" if world.size > 1 else ""
     print(f"train: {len(images[0])} images on {device}, {params.train.epochs} epochs{ddp}")
-    # Checkpoints hold one process's RNG states, so DDP runs neither write nor resume them.
-    checkpoint = None
-    if world.size == 1:
-        checkpoint = checkpoints.CheckpointFile.of(
-            args.checkpoint, params=params, device=device, checksums=checksums
-        )
-    resume = resume_from(checkpoint)
     rows: list[dict[str, float]] = list(resume["history"]) if resume else []
-    run_id = resume["run_id"] if resume else None
     try:
         with training_run(
             params,
             checksums,
             device=device,
             params_file=args.params,
-            resume_run_id=run_id,
+            resume_run_id=resume["run_id"] if resume else None,
             history=rows,
             world_size=world.size,
+            restarts=distributed.restart_count(),
         ) as run:
-
-            def on_state(snapshot: dict) -> None:
-                if checkpoint:
-                    checkpoint.save(snapshot, run.run_id)
 
             def on_epoch(row: dict[str, float]) -> None:
                 rows.append(row)
@@ -136,27 +154,19 @@ def train_and_record(
                 *images,
                 device=device,
                 on_epoch=on_epoch,
-                on_state=on_state,
+                on_state=lambda snapshot: checkpoint.save(snapshot, run.run_id),
                 resume=resume,
                 stop_requested=stop.is_set,
                 world=world,
             )
             write_outputs(args, model, rows, run.info(params.mlflow.experiment))
     except KeyboardInterrupt:
-        raise interrupted(len(rows), resumable=checkpoint is not None) from None
+        raise VaelabError(
+            f"interrupted after epoch {len(rows)}; the MLflow run is marked KILLED. Run "
+            "`dvc repro` (or this command) again to resume from the last complete epoch."
+        ) from None
     args.checkpoint.unlink(missing_ok=True)  # finished: the model and history hold everything
     print(f"train: model -> {args.model}, MLflow run {run.run_id}")
-
-
-def interrupted(epochs_done: int, *, resumable: bool) -> VaelabError:
-    """The message of a Ctrl-C or SIGTERM that stopped training."""
-    how = "resume from the last complete epoch"
-    if not resumable:
-        how = "train from the start (distributed runs do not resume)"
-    return VaelabError(
-        f"interrupted after epoch {epochs_done}; the MLflow run is marked KILLED. Run "
-        f"`dvc repro` (or this command) again to {how}."
-    )
 
 
 def write_outputs(args: argparse.Namespace, model: VAE, rows: list[dict], info: dict) -> None:
@@ -167,15 +177,54 @@ def write_outputs(args: argparse.Namespace, model: VAE, rows: list[dict], info: 
     atomic_write_bytes(args.run_info, (json.dumps(info, indent=2) + "\n").encode())
 
 
-def resume_from(checkpoint: checkpoints.CheckpointFile | None) -> dict | None:
-    """The checkpoint to resume from, if it matches this run; says which way it goes."""
-    if checkpoint is None:
-        return None
-    resume, why_fresh = checkpoint.load()
-    if resume:
+def _verdict(checkpoint: checkpoints.CheckpointFile) -> tuple[dict | None, tuple]:
+    """This rank's reading of the checkpoint: (what to resume from, or None; a verdict to
+    compare with the other ranks': ("resume", epoch, run id), ("fresh", why) or ("refused",
+    message))."""
+    try:
+        resume, why_fresh = checkpoint.load()
+    except VaelabError as error:
+        return None, ("refused", str(error))
+    if resume is None:
+        return None, ("fresh", why_fresh)
+    return resume, ("resume", resume["epoch"], resume["run_id"])
+
+
+def _said(verdict: tuple) -> str:
+    if verdict[0] == "resume":
+        return f"resumes after epoch {verdict[1]} of MLflow run {verdict[2]}"
+    if verdict[0] == "refused":
+        return f"refuses it: {verdict[1]}"
+    return f"starts fresh ({verdict[1]})" if verdict[1] else "finds no checkpoint there"
+
+
+def resume_from(checkpoint: checkpoints.CheckpointFile, world: distributed.World) -> dict | None:
+    """The checkpoint to resume from, if it matches this run; says which way it goes (rank 0).
+
+    Under DDP every rank reads it (each resumes its own state from it) and all must read the
+    same: when a rank cannot read the checkpoint rank 0 resumes from (several machines without
+    shared storage) or judges it otherwise (other code or params), every rank stops here, before
+    anything is trained or overwritten."""
+    resume, verdict = _verdict(checkpoint)
+    verdicts = distributed.gather(verdict, world)
+    first = verdicts[0]
+    if first[0] == "refused":  # an unusable file: the usual refusal, on every rank
+        raise VaelabError(first[1])
+    all_fresh = all(v[0] == "fresh" for v in verdicts)  # whatever each found: none resumes
+    if any(v != first for v in verdicts) and not all_fresh:
+        differing = "; ".join(
+            f"rank {rank} {_said(v)}" for rank, v in enumerate(verdicts) if v != first
+        )
+        raise VaelabError(
+            f"the {world.size} processes do not agree on the checkpoint {checkpoint.path}: rank "
+            f"0 {_said(first)}; {differing}. Every process must see the same checkpoint (on "
+            "storage every node reads, see docs/scale.md) and run the same code and params. "
+            "Nothing was trained or overwritten."
+        )
+    if world.is_main and resume:
         print(f"train: resuming after epoch {resume['epoch']} from {checkpoint.path}")
-    elif why_fresh:
-        print(f"train: starting fresh: {why_fresh}")
+    elif world.is_main and first[1]:
+        print(f"train: starting fresh: {first[1]}")
     return resume
 
 

@@ -275,9 +275,7 @@ def check_diverged(
         if bad_step > 0
         else f"the test ELBO became NaN or infinite after epoch {epoch}"
     )
-    kept = ""
-    if epoch > 1 and plan.world.size == 1:  # DDP runs write no checkpoints
-        kept = f"The checkpoint of epoch {epoch - 1} is kept. "
+    kept = f"The checkpoint of epoch {epoch - 1} is kept. " if epoch > 1 else ""
     rate = f"now {lr}" if lr == cfg_lr else f"{cfg_lr}; this epoch's scheduled rate was {lr}"
     raise VaelabError(f"{what}: training diverged. {kept}Lower train.lr ({rate}) and run again.")
 
@@ -351,8 +349,10 @@ def train_model(
 ) -> tuple[VAE, list[dict[str, float]]]:
     """Train on uint8 images (N, 28, 28); return the model and one history row per epoch.
 
-    After each epoch ``on_state`` gets ``TrainingState.snapshot()``, then ``on_epoch`` the row;
-    such a snapshot as ``resume`` continues exactly as the uninterrupted run would have.
+    After each epoch ``on_state`` gets ``TrainingState.snapshot()``, then ``on_epoch`` the row
+    (rank 0 only); such a snapshot as ``resume`` continues exactly as the uninterrupted run
+    would have, on every rank (all ranks hold rank 0's state: the same model, optimizer and
+    random streams), also with another number of ranks (up to the order of float sums).
     ``stop_requested`` is polled before every step: KeyboardInterrupt between two steps.
     """
     cfg = params.train
@@ -383,6 +383,9 @@ def train_model(
                 on_state(state.snapshot())
                 print_epoch(row, cfg.epochs)
                 on_epoch(row)
+            # Under DDP the other ranks wait for rank 0's checkpoint: a rank lost in the next
+            # epoch is restarted from this one.
+            distributed.barrier(world)
     finally:
         should_stop.close()
     return state.model, state.history

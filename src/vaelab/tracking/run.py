@@ -72,9 +72,11 @@ def training_run(
     resume_run_id: str | None = None,
     history: list[dict] = (),
     world_size: int = 1,
+    restarts: int = 0,
 ) -> Iterator[TrainingRun]:
     """Open the train stage's run with all params and tags; mark it FAILED on an exception
-    (KILLED on Ctrl-C), with the reason as the ``vaelab.error`` tag.
+    (KILLED on Ctrl-C), with the reason as the ``vaelab.error`` tag. ``restarts``: how often
+    torchrun restarted the processes (the tag ``vaelab.restarts`` when > 0).
 
     With ``resume_run_id`` (training resumed from a checkpoint) the same run continues: it is
     set RUNNING again and the epochs of ``history`` it lacks are logged, so no step is missing
@@ -90,6 +92,8 @@ def training_run(
         if "vaelab.error" in resumed.data.tags:
             client.delete_tag(run_id, "vaelab.error")
         client.set_tag(run_id, "vaelab.resumed_after_epoch", str(len(history)))
+        if restarts:
+            client.set_tag(run_id, "vaelab.restarts", str(restarts))
     else:
         code = uncommitted()
         tags = context_tags(checksums, params, params_file) | training_tags(device, world_size)
