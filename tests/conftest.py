@@ -101,6 +101,31 @@ def tiny_params() -> params_mod.Params:
 
 
 @pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Path:
+    """A fake-MNIST copy of the repository after one `dvc repro`, holding one complete run
+    (tests/test_pipeline.py makes it). Read it, never change it: tests that go on from this
+    state take ``reproduced_copy``."""
+    from tests.test_pipeline import make_repo, run
+
+    repo = make_repo(tmp_path_factory.mktemp("repo"))
+    run(repo, "dvc", "repro")
+    return repo
+
+
+@pytest.fixture
+def reproduced_copy(reproduced: Path, tmp_path: Path) -> Path:
+    """A private copy of ``reproduced``: git, DVC cache and outputs, MLflow store and artifacts."""
+    import shutil
+
+    from tests.test_pipeline import move_store
+
+    copy = tmp_path / "repo"
+    shutil.copytree(reproduced, copy, symlinks=True)
+    move_store(copy / "mlflow.db", reproduced, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
 def tracking_server(tmp_path_factory):  # a tests.tracking_server.TrackingServer
     """One real `mlflow server` for the whole session (see tests/tracking_server.py)."""
     from tests.tracking_server import running_server

@@ -190,24 +190,6 @@ def move_store(db: Path, old: Path, new: Path) -> None:
         store.commit()
 
 
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> Path:
-    """A repository after one `dvc repro`, holding one complete run. Read it, never change it:
-    tests that go on from this state take ``reproduced_copy``."""
-    repo = make_repo(tmp_path_factory.mktemp("repo"))
-    run(repo, "dvc", "repro")
-    return repo
-
-
-@pytest.fixture
-def reproduced_copy(reproduced: Path, tmp_path: Path) -> Path:
-    """A private copy of ``reproduced``: git, DVC cache and outputs, MLflow store and artifacts."""
-    copy = tmp_path / "repo"
-    shutil.copytree(reproduced, copy, symlinks=True)
-    move_store(copy / "mlflow.db", reproduced, copy)
-    return copy
-
-
 def test_repro_with_changes_gives_one_complete_run(reproduced):
     repo = reproduced
     (only,) = runs(repo)

@@ -1,14 +1,18 @@
-"""`python -m vaelab.reproduce` on a fake-MNIST repository: a run trained from uncommitted code and
-params comes out identical; a DVC experiment whose param was tampered with in the store differs,
-naming the metrics and the causes; every bad input is one line and changes nothing. The user's
-workspace (git status, params.yaml, dvc.lock, the outputs) is the same after each, and no
-temporary clone is left behind."""
+"""`python -m vaelab.reproduce` on a fake-MNIST repository (``reproduced_copy``, conftest.py): a
+run recorded from uncommitted code and params comes out identical; a DVC experiment whose param
+was tampered with in the store differs, naming the metrics and the causes; every bad input is
+one line and changes nothing. The user's workspace (git status, params.yaml, dvc.lock, the
+outputs) is the same after each, and no temporary clone is left behind.
+
+The runs here come from `dvc repro` / `dvc exp run` with only an evaluate param changed, so DVC
+restores train from its run cache and `record` rebuilds the run: cheap to make, and the
+reproduction still trains the model again from scratch (`dvc repro --force`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_pipeline import _env, client_for, move_store, reproduced, run, runs  # noqa: F401
+from tests.test_pipeline import _env, client_for, run, runs
 from vaelab import reproduce
 from vaelab.errors import VaelabError
 from vaelab.tracking.reproduction import COMPARISON_ARTIFACT, REPRODUCED_BY_TAG, VERDICT_TAG
@@ -31,27 +35,20 @@ OUTPUTS = (
     "reports/metrics.json",
     "reports/train_history.csv",
     "reports/figures/latent_grid.png",
-    "src/vaelab/model.py",
+    "src/vaelab/plot.py",
 )
 
 
-@pytest.fixture(scope="module")
-def workspace(reproduced: Path, tmp_path_factory) -> dict:  # noqa: F811
-    """A copy of the reproduced repository with two more runs: ``uncommitted``, trained with
-    params.yaml and src/vaelab/model.py edited and not committed, and ``experiment``, a
-    `dvc exp run` on top of that."""
-    repo = tmp_path_factory.mktemp("reproduce") / "repo"
-    shutil.copytree(reproduced, repo, symlinks=True)
-    move_store(repo / "mlflow.db", reproduced, repo)
+def uncommitted_run(repo: Path):
+    """A run recorded with params.yaml (evaluate.seed) and src/vaelab/plot.py edited and not
+    committed: train comes from DVC's run cache, evaluate, plot and record run."""
     raw = yaml.safe_load((repo / "params.yaml").read_text())
-    raw["train"]["seed"] = 3
+    raw["evaluate"]["seed"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    with open(repo / "src" / "vaelab" / "model.py", "a") as source:
+    with open(repo / "src" / "vaelab" / "plot.py", "a") as source:
         source.write("\n# an uncommitted edit\n")
     run(repo, "dvc", "repro")
-    run(repo, "dvc", "exp", "run", "-n", "exp-seed-4", "-S", "train.seed=4")
-    first, uncommitted, experiment = runs(repo)
-    return {"repo": repo, "uncommitted": uncommitted, "experiment": experiment}
+    return runs(repo)[-1]
 
 
 def snapshot(repo: Path) -> dict:
@@ -84,9 +81,10 @@ def comparison_of(repo: Path, run_id: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def test_a_run_from_uncommitted_code_comes_out_identical_and_both_runs_say_so(workspace):
-    repo, original = workspace["repo"], workspace["uncommitted"]
-    assert original.data.tags["vaelab.uncommitted"] == "params.yaml,src/vaelab/model.py"
+def test_a_run_from_uncommitted_code_comes_out_identical_and_both_runs_say_so(reproduced_copy):
+    repo = reproduced_copy
+    original = uncommitted_run(repo)
+    assert original.data.tags["vaelab.uncommitted"] == "params.yaml,src/vaelab/plot.py"
     before = snapshot(repo)
 
     done = reproduce_cmd(repo, original.info.run_id)
@@ -103,7 +101,7 @@ def test_a_run_from_uncommitted_code_comes_out_identical_and_both_runs_say_so(wo
     assert new.data.tags["mlflow.parentRunId"] == original.info.run_id
     assert new.info.run_name == f"{original.info.run_name} (reproduced)"
     assert new.data.params == original.data.params
-    assert new.data.tags["vaelab.uncommitted"] == "params.yaml,src/vaelab/model.py"
+    assert new.data.tags["vaelab.uncommitted"] == "params.yaml,src/vaelab/plot.py"
     compared = comparison_of(repo, new.info.run_id)
     assert compared["verdict"] == "identical"
     assert set(compared["max_abs_difference"].values()) == {0.0}
@@ -121,7 +119,6 @@ def test_a_run_from_uncommitted_code_comes_out_identical_and_both_runs_say_so(wo
     )
     assert reproduce.weights_sha256(Path(local)) == weights["reproduction"]
     # A reproduction is no new result: comparisons and the registry leave it out.
-    import os
 
     from vaelab.tracking.queries import find_runs
 
@@ -142,11 +139,14 @@ def tamper(repo: Path, run_id: str, key: str, value: str) -> None:
     assert changed == 1
 
 
-def test_a_tampered_experiment_differs_naming_the_metrics_and_the_causes(workspace):
-    """The experiment is re-created from its own commit (params.yaml there has seed 4 and the
-    uncommitted edits); its lr was changed in the store and the reproduction runs on another
-    thread count: differs, exit 3, the differing metrics and both causes named."""
-    repo, original = workspace["repo"], workspace["experiment"]
+def test_a_tampered_experiment_differs_naming_the_metrics_and_the_causes(reproduced_copy):
+    """`dvc exp run -n exp-seed-4 -S evaluate.seed=4` is re-created from its experiment's commit
+    (params.yaml there has that seed); its train.lr was changed in the store and the
+    reproduction runs on another thread count: differs, exit 3, the differing metrics and both
+    causes named."""
+    repo = reproduced_copy
+    run(repo, "dvc", "exp", "run", "-n", "exp-seed-4", "-S", "evaluate.seed=4")
+    original = runs(repo)[-1]
     assert original.data.tags["dvc.exp_name"] == "exp-seed-4"
     threads = int(original.data.tags["torch.threads"])
     other = 1 if threads > 1 else 2  # torch takes no more threads than there are cores
@@ -171,7 +171,7 @@ def test_a_tampered_experiment_differs_naming_the_metrics_and_the_causes(workspa
     assert compared["environment"]["torch.threads"] == [str(threads), str(other)]
     assert compared["max_abs_difference"]["epoch/train/loss"] > 0
     new = client_for(repo).get_run(original.data.tags[REPRODUCED_BY_TAG])
-    assert new.data.params["train.lr"] == "0.002" and new.data.params["train.seed"] == "4"
+    assert new.data.params["train.lr"] == "0.002" and new.data.params["evaluate.seed"] == "4"
 
 
 def _fake_run(repo: Path, like, *, name: str, **tags: str | None) -> str:
@@ -186,10 +186,11 @@ def _fake_run(repo: Path, like, *, name: str, **tags: str | None) -> str:
     return run_id
 
 
-def test_bad_input_is_one_line_and_changes_nothing(workspace, monkeypatch):
+def test_bad_input_is_one_line_and_changes_nothing(reproduced_copy, monkeypatch):
     from vaelab.tracking.sweeps import start_sweep
 
-    repo, like = workspace["repo"], workspace["uncommitted"]
+    repo = reproduced_copy
+    (like,) = runs(repo)
     monkeypatch.chdir(repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
     for name in ("DVC_ROOT", "DVC_EXP_NAME"):
