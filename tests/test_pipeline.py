@@ -404,10 +404,13 @@ NOT_TRAINING_CODE = {
     None: (  # commands, not stages: no stage runs them
         "src/vaelab/compare.py",
         "src/vaelab/register.py",
+        "src/vaelab/replicates.py",
+        "src/vaelab/reproduce.py",
         "src/vaelab/sweep.py",
         "src/vaelab/tracking/comparison.py",
         "src/vaelab/tracking/queries.py",
         "src/vaelab/tracking/registry.py",
+        "src/vaelab/tracking/reproduction.py",
         "src/vaelab/tracking/sweeps.py",
         "src/vaelab/tracking/ui.py",
     ),
