@@ -20,8 +20,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 repro: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# Two worker processes (the 2 cores CI has); the tests that share an expensive fixture (a
+# reproduced repository, a tracking server, DDP trainings) stay in one worker each (loadgroup).
+# One file or test without them: .venv/bin/python -m pytest tests/test_model.py (docs/testing.md).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ui: $(VENV)/.installed
 	$(BIN)/python -m vaelab.tracking.ui --port $(PORT) \

@@ -25,6 +25,10 @@ from vaelab.errors import VaelabError
 from vaelab.history import METRICS as HISTORY_METRICS
 from vaelab.history import read as read_history
 
+# Under `pytest -n 2 --dist loadgroup` (make test) these tests run in one worker, which builds
+# their shared fixtures once.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 # Max |difference| of any weight after 2 epochs (20 steps): reduction order only moves the last
 # float bits, then Adam's normalised steps carry them; measured 3e-8 here.
 TOLERANCE = 1e-4

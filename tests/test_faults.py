@@ -23,6 +23,10 @@ from vaelab.history import METRICS as HISTORY_METRICS
 from vaelab.history import read as read_history
 from vaelab.training import train_model
 
+# Under `pytest -n 2 --dist loadgroup` (make test) these tests run in one worker, which builds
+# their shared fixtures once.
+pytestmark = pytest.mark.xdist_group("faults")
+
 TIMING = {"epoch_seconds", "images_per_second"}
 
 

@@ -38,6 +38,10 @@ from vaelab.plot import FIGURES
 from vaelab.tracking.record import COUNTS
 
 EXPERIMENT = "vaelab"
+
+# Under `pytest -n 2 --dist loadgroup` (make test) these tests run in one worker, which builds
+# their shared fixtures once.
+pytestmark = pytest.mark.xdist_group("reproduced")
 EVAL_METRICS = [
     "eval/test/neg_elbo",
     "eval/test/recon",

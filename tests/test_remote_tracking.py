@@ -19,6 +19,10 @@ from vaelab.plot import FIGURES
 from vaelab.tracking import ui
 from vaelab.tracking.store import connect
 
+# Under `pytest -n 2 --dist loadgroup` (make test) the tests of the shared tracking server run in
+# one worker, which starts it once.
+pytestmark = pytest.mark.xdist_group("tracking_server")
+
 
 def _artifact_files(store, run: dict, folder: str) -> dict[str, int]:
     """{path: size} of the run's artifacts in ``folder``, as the server lists them."""

@@ -28,6 +28,10 @@ from vaelab.errors import VaelabError
 from vaelab.tracking.reproduction import COMPARISON_ARTIFACT, REPRODUCED_BY_TAG, VERDICT_TAG
 from vaelab.tracking.tags import REPRODUCES_TAG
 
+# Under `pytest -n 2 --dist loadgroup` (make test) these tests run in one worker, which builds
+# their shared fixtures once.
+pytestmark = pytest.mark.xdist_group("reproduced")
+
 OUTPUTS = (
     "params.yaml",
     "dvc.lock",

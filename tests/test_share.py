@@ -18,6 +18,10 @@ import pytest
 from tests.test_pipeline import assert_complete, client_for, make_repo, run, set_param
 from tests.tracking_server import TrackingServer, pipeline
 
+# Under `pytest -n 2 --dist loadgroup` (make test) these tests run in one worker, which builds
+# their shared fixtures once.
+pytestmark = pytest.mark.xdist_group("tracking_server")
+
 EXP_NAME = "shared-exp"
 # Not "vaelab": test_remote_tracking.py and test_ui_browser.py count the runs of that experiment
 # on the same session server.

@@ -31,6 +31,9 @@ def find_chromium() -> str | None:
 CHROMIUM = find_chromium()
 pytestmark = [
     pytest.mark.browser,
+    # Under `pytest -n 2 --dist loadgroup` (make test) the tests of the shared tracking server
+    # (this file, test_explorer_browser.py, test_remote_tracking.py) run in one worker.
+    pytest.mark.xdist_group("tracking_server"),
     pytest.mark.skipif(
         CHROMIUM is None, reason="no chromium executable (apt-get install chromium)"
     ),
