@@ -1,15 +1,20 @@
 """make sweep's pieces on their own: the grid, its checks before anything is queued, reading
-DVC's output, and the progress lines while the queue runs. (The whole sweep through DVC's queue:
-tests/test_pipeline.py.)"""
+DVC's output, and the progress lines while the queue runs; then a whole 2 x 2 grid through DVC's
+queue on a fake-MNIST copy of the repository."""
 
 from __future__ import annotations
 
+import csv
+import re
+import statistics
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import PROJECT
+from tests.test_pipeline import assert_complete, client_for, make_repo, run, runs, set_param
 from vaelab import sweep
 from vaelab.errors import VaelabError
 
@@ -155,3 +160,62 @@ def test_an_experiment_that_ran_between_two_looks_is_reported_once():
     lines = progress.update({"forky-moms": "Success", "muzzy-puke": "Queued"}, 4.0)
     assert lines == ["sweep: finished forky-moms (model.latent_dims=5) within 4 s"]
     assert progress.update({"forky-moms": "Success", "muzzy-puke": "Queued"}, 8.0) == []
+
+
+def test_a_queued_grid_is_a_parent_run_with_a_child_per_combination_grouped_by_config(tmp_path):
+    """`python -m vaelab.sweep` as make sweep runs it on a 2 x 2 grid (latent_dims x seed, one
+    epoch): the parent run, DVC's grid syntax (one queued experiment per combination), a line as
+    each starts and finishes, two configuration ids, then the comparison into the parent with
+    the per-configuration means and standard deviations (checked against the runs' own
+    metrics)."""
+    repo = make_repo(tmp_path / "queue")
+    set_param(repo, "train", "epochs", 1)
+    run(repo, "git", "commit", "-qam", "one epoch")
+    sweep = [sys.executable, "-m", "vaelab.sweep", "--params", "params.yaml", "--label", "grid"]
+    sweep += ["--report", "reports/comparison.md", "--figures", "reports/comparison"]
+    grid = "model.latent_dims=3,4 train.seed=1,2"
+    output = run(repo, *sweep, "--grid", grid, "--jobs", "2", timeout=900)
+    parent, *done = runs(repo)
+    assert (parent.info.run_name, parent.data.params) == (
+        "grid",
+        {"sweep.model.latent_dims": "3,4", "sweep.train.seed": "1,2"},
+    )
+    assert len(done) == 4
+    for r in done:  # as each experiment started and ended, a line with its name and params
+        what = f"model.latent_dims={r.data.params['model.latent_dims']}, "
+        what += f"train.seed={r.data.params['train.seed']}"
+        assert f"sweep: started {r.info.run_name} ({what})" in output, output
+        assert re.search(rf"sweep: finished {r.info.run_name} \({what}\) (in|within) ", output)
+    # The sweep is one expandable row in the UI: all runs are the parent's children.
+    assert [r.data.tags["mlflow.parentRunId"] for r in done] == [parent.info.run_id] * 4
+    assert sorted(r.data.tags["params.changed"] for r in done) == [
+        f"model.latent_dims={z}, train.seed={s}, mlflow.sweep=grid" for z in (3, 4) for s in (1, 2)
+    ]
+    by_latent = {}
+    for r in done:
+        assert r.data.tags["dvc.exp_name"] == r.info.run_name and r.data.tags["sweep"] == "grid"
+        by_latent.setdefault(r.data.params["model.latent_dims"], []).append(r)
+    configs = {z: {r.data.tags["vaelab.config"] for r in rs} for z, rs in by_latent.items()}
+    assert all(len(ids) == 1 for ids in configs.values()) and configs["3"] != configs["4"]
+    last = done[-1]
+    run(repo, "dvc", "exp", "apply", last.info.run_name)
+    assert_complete(repo, last, repo / "params.yaml")
+    # The comparison: per configuration, n = 2, the mean and sample sd of its two runs.
+    rows = list(csv.DictReader((repo / "reports" / "comparison_by_config.csv").open()))
+    assert sorted(r["model.latent_dims"] for r in rows) == ["3", "4"]
+    for row in rows:
+        pair = by_latent[row["model.latent_dims"]]
+        assert row["runs"] == "2" and row["config"] == pair[0].data.tags["vaelab.config"]
+        for metric in ("eval/test_iw/nll", "eval/test/neg_elbo", "epoch/test/neg_elbo"):
+            values = [r.data.metrics[metric] for r in pair]
+            assert float(row[f"{metric} mean"]) == pytest.approx(statistics.mean(values))
+            assert float(row[f"{metric} sd"]) == pytest.approx(statistics.stdev(values))
+    table = (repo / "reports" / "comparison.md").read_text()
+    assert "## By configuration" in table and "Welch's t-test" in table
+    # The report went into the sweep's parent, which is now finished; no sibling run was made.
+    parent = client_for(repo).get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    logged = {a.path for a in client_for(repo).list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/comparison.md", "comparison/comparison_by_config.csv"} <= logged
+    assert len(runs(repo)) == 5
+    assert (repo / "reports" / "comparison" / "comparison_curves.png").stat().st_size > 0

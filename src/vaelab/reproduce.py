@@ -49,6 +49,7 @@ from vaelab.data import CHECKSUMS_FILE
 from vaelab.errors import VaelabError, run_stage
 from vaelab.model import load
 from vaelab.tracking import reproduction
+from vaelab.tracking.queries import download_artifact
 from vaelab.tracking.store import project_root, tracking_uri
 from vaelab.tracking.tags import REPRODUCES_ENV
 
@@ -223,7 +224,7 @@ def pipeline_env(original, threads: int) -> dict[str, str]:
 
 
 def _weights(run, folder: Path) -> str:
-    local = reproduction.download(run.info.run_id, reproduction.WEIGHTS_ARTIFACT, folder)
+    local = download_artifact(run.info.run_id, reproduction.WEIGHTS_ARTIFACT, folder)
     if local is None:
         raise VaelabError(f"run {run.info.run_id} has no {reproduction.WEIGHTS_ARTIFACT}")
     return weights_sha256(local)

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from vaelab.params import Params, flatten
 from vaelab.tracking.models import log_model
-from vaelab.tracking.run import TrainingRun, metric_batch
-from vaelab.tracking.source import UNKNOWN, log_uncommitted, uncommitted
+from vaelab.tracking.run import TrainingRun, create_run, metric_batch
 from vaelab.tracking.store import connect
-from vaelab.tracking.tags import TRAINING_TAGS, context_tags, dataset_inputs, parent_tag
+from vaelab.tracking.tags import TRAINING_TAGS, context_tags
 
 FINGERPRINT_TAG = "vaelab.fingerprint"
 RECORD_STANDARD = 2
@@ -165,15 +164,9 @@ def _rebuild(
     if source is not None:
         carried |= {k: source.data.tags[k] for k in TRAINING_TAGS if k in source.data.tags}
     checksums = json.loads(outputs.checksums.read_text())
-    code = uncommitted()
     tags = context_tags(checksums, params, outputs.params_file, "src/vaelab/record.py") | carried
     tags[SOURCE_RUN_TAG] = train_run_id
-    tags |= parent_tag(client, experiment_id, params.mlflow.sweep)
-    tags |= code.tags() if code else UNKNOWN
-    exp_name = os.environ.get("DVC_EXP_NAME") or None
-    run_id = client.create_run(experiment_id, run_name=exp_name, tags=tags).info.run_id
-    client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
-    log_uncommitted(client, run_id, code)
+    run_id = create_run(client, experiment_id, params, checksums, tags)
     client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params.items()])
     rebuilt = TrainingRun(client, run_id)
     for row in history:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vaelab.errors import VaelabError
 from vaelab.history import METRICS as HISTORY_METRICS
+from vaelab.tracking.queries import download_artifact
 from vaelab.tracking.source import DIFF_ARTIFACT, UNCOMMITTED_TAG
 from vaelab.tracking.store import check_reachable, quiet_mlflow, tracking_uri
 from vaelab.tracking.tags import KIND_TAG, REPRODUCES_TAG, TRAINING_TAGS
@@ -104,27 +105,11 @@ def missing(run) -> list[str]:
     return lacking
 
 
-def download(run_id: str, artifact: str, folder: Path) -> Path | None:
-    """The run's ``artifact`` copied into ``folder``; None when the run has none."""
-    import mlflow
-
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id,
-            artifact_path=artifact,
-            dst_path=str(folder),
-            tracking_uri=tracking_uri(),
-        )
-    except Exception:  # no such artifact
-        return None
-    return Path(local)
-
-
 def uncommitted_diff(run, folder: Path) -> Path | None:
     """The diff the run trained with on top of its commit (None for a clean run)."""
     if not run.data.tags.get(UNCOMMITTED_TAG):
         return None
-    diff = download(run.info.run_id, DIFF_ARTIFACT, folder)
+    diff = download_artifact(run.info.run_id, DIFF_ARTIFACT, folder)
     if diff is None:
         raise VaelabError(
             f"{_describe(run)} trained with uncommitted changes "

@@ -62,6 +62,20 @@ def _resumable(client, run_id: str | None, experiment_id: str):
     return run if usable else None
 
 
+def create_run(client, experiment_id: str, params: Params, checksums: dict, tags: dict) -> str:
+    """A new run of this pipeline result, named after the DVC experiment when there is one, with
+    ``tags``, its sweep's parent, the code's uncommitted changes (tag, and the diff as an
+    artifact) and the data sets as inputs; returns its id."""
+    code = uncommitted()
+    tags = tags | parent_tag(client, experiment_id, params.mlflow.sweep)
+    tags |= code.tags() if code else UNKNOWN
+    run_name = os.environ.get("DVC_EXP_NAME") or None
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
+    log_uncommitted(client, run_id, code)
+    return run_id
+
+
 @contextlib.contextmanager
 def training_run(
     params: Params,
@@ -95,14 +109,8 @@ def training_run(
         if restarts:
             client.set_tag(run_id, "vaelab.restarts", str(restarts))
     else:
-        code = uncommitted()
         tags = context_tags(checksums, params, params_file) | training_tags(device, world_size)
-        tags |= parent_tag(client, experiment_id, params.mlflow.sweep)
-        tags |= code.tags() if code else UNKNOWN
-        run_name = os.environ.get("DVC_EXP_NAME") or None
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
-        log_uncommitted(client, run_id, code)
+        run_id = create_run(client, experiment_id, params, checksums, tags)
     try:
         if resumed is None:
             flat = flatten(params)
