@@ -158,3 +158,19 @@ def test_a_comparison_without_replicates_looks_as_before(replicate_store):
     assert not stale.exists() and stale not in files
     assert "By configuration" not in report.read_text()
     assert "config" not in next(csv.reader(report.with_suffix(".csv").open()))
+
+
+def test_welch_s_test_with_unequal_variances_and_sizes():
+    """Where Welch's test is not Student's: the Welch-Satterthwaite degrees of freedom and the
+    two-sided p from Student's t distribution written as a regularised incomplete beta function
+    (mpmath, arbitrary precision), all from the formulas, not from scipy."""
+    import mpmath
+
+    a, b = [10.0, 10.5, 9.8, 10.1], [11.0, 13.5, 12.2]
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    p = float(mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True))
+    assert 2 < df < 3  # far from Student's len(a) + len(b) - 2 = 5
+    assert replicates.welch(a, b) == pytest.approx(p, rel=1e-9)
+    assert replicates.welch(b, a) == pytest.approx(p, rel=1e-9)

@@ -63,6 +63,17 @@ def snapshot(repo: Path) -> dict:
     return {"status": status, "files": files, "clones": clones}
 
 
+@pytest.fixture(autouse=True)
+def own_temporary_folder(tmp_path, monkeypatch) -> Path:
+    """Reproductions make their clones in a folder of this test's own (``TMPDIR``), so that
+    "no clone left" cannot be confused by another process's reproduction."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
 def reproduce_cmd(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "vaelab.reproduce", "--params", "params.yaml", *args],

@@ -121,10 +121,21 @@ def clone_at(root: Path, commit: str) -> Iterator[Path]:
         if local.is_file():
             shutil.copy2(local, clone / ".dvc" / "config.local")
         cache = _run(sys.executable, "-m", "dvc", "cache", "dir", cwd=root).strip()
-        _run(sys.executable, "-m", "dvc", "config", "--local", "cache.dir", cache, cwd=clone)
+        _configure(clone, cache)
         yield clone
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _configure(clone: Path, cache: str) -> None:
+    """The clone's DVC settings, written directly (a `dvc` command there would start DVC's
+    update check, a detached process that writes into the clone after it is removed): the
+    user's cache, no update check, no analytics."""
+    from dvc.config import Config
+
+    with Config(dvc_dir=str(clone / ".dvc"), validate=False).edit("local") as settings:
+        settings.setdefault("core", {}).update({"check_update": False, "analytics": False})
+        settings.setdefault("cache", {})["dir"] = cache
 
 
 def _clone_params(clone: Path) -> dict[str, str]:
