@@ -91,10 +91,12 @@ def _mean_sd(row: pd.Series, column: str) -> str:
     mean, sd = row[f"{column} mean"], row[f"{column} sd"]
     if isinstance(mean, float) and math.isnan(mean):
         return ""
-    shown = f"{mean:.4f}" if abs(mean) < 1 else f"{mean:.2f}"
     if isinstance(sd, float) and math.isnan(sd):
-        return shown
-    return f"{shown} ± " + (f"{sd:.4f}" if abs(sd) < 1 else f"{sd:.2f}")
+        return f"{mean:.4f}" if abs(mean) < 1 else f"{mean:.2f}"
+    # The mean to the sd's decimals: 738.5851 ± 0.0114 vs 738.6133 ± 0.0108, where two decimals
+    # (738.59, 738.61) would hide most of a difference the noise test calls real.
+    places = 4 if abs(sd) < 1 or abs(mean) < 1 else 2
+    return f"{mean:.{places}f} ± {sd:.{places}f}"
 
 
 def markdown(grouped: pd.DataFrame, metrics: list[str], params: list[str], metric: str) -> str:
