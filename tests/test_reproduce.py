@@ -60,7 +60,11 @@ def snapshot(repo: Path) -> dict:
     status = run(repo, "git", "status", "--porcelain")
     files = {name: hashlib.md5((repo / name).read_bytes()).hexdigest() for name in OUTPUTS}
     clones = sorted(Path(tempfile.gettempdir()).glob("vaelab-reproduce-*"))
-    return {"status": status, "files": files, "clones": clones}
+    # The DVC cache too (outputs and run cache): a reproduction's entry there would hand the
+    # workspace's next `dvc repro` the reproduction's MLflow run instead of the original's.
+    cache = sorted(str(p.relative_to(repo)) for p in (repo / ".dvc" / "cache").rglob("*"))
+    assert any("/runs/" in name for name in cache)  # the pipeline's own run cache is there
+    return {"status": status, "files": files, "clones": clones, "cache": cache}
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,9 @@
    diff applied (``git apply``); the run's logged params in that clone's params.yaml; the data
    from this repository's DVC cache (else pulled, else fetched by ``prepare``), checked against
    the run's MD5s.
-3. ``dvc repro --force --downstream train`` there (DVC's run cache would restore, not train),
-   with the run's torch thread count, logging into this repository's MLflow store: a new run,
-   tagged ``vaelab.reproduces``.
+3. ``dvc repro --force --no-commit --downstream train`` there (DVC's run cache would restore,
+   not train; nothing is committed to the shared cache), with the run's torch thread count,
+   logging into this repository's MLflow store: a new run, tagged ``vaelab.reproduces``.
 4. The verdict: **identical** (exit 0) when every per-epoch metric but the timings, every
    evaluation metric and the weights are equal; else **differs** (exit 3), with per metric the
    largest absolute difference and, as the likely cause, what differs between the two runs'
@@ -266,7 +266,11 @@ def reproduce(experiment: str, wanted: str, threads: int | None = None) -> repro
         env = pipeline_env(original, threads)
         restore_data(original, clone, env)
         dvc = (sys.executable, "-m", "dvc")
-        _run(*dvc, "repro", "--force", "--downstream", "train", cwd=clone, env=env, quiet=False)
+        # --no-commit: the clone shares this repository's DVC cache, and a run-cache entry from
+        # here (same deps and params as the original) would hand this workspace's next
+        # `dvc repro` the reproduction's outputs and MLflow run instead of the original's.
+        repro = ("repro", "--force", "--no-commit", "--downstream", "train")
+        _run(*dvc, *repro, cwd=clone, env=env, quiet=False)
         new = reproduction.reproduction_of(original.info.run_id, started_ms)
         if new is None:
             raise VaelabError(
