@@ -24,16 +24,23 @@ DIFF_ARTIFACT = "reproduce/uncommitted.diff"
 _TAG_LENGTH = 5000  # MLflow's limit on a tag's value, with room to spare
 
 
-def git(*args: str, env: dict | None = None, strip: bool = True) -> str | None:
-    """``git ARGS`` in the current folder: its output (stripped unless told: a diff's last line
-    may end in spaces that matter); None when it fails."""
+def git(*args: str, env: dict | None = None) -> str | None:
+    """``git ARGS`` in the current folder: its stripped output; None when it fails."""
+    out = git_bytes(*args, env=env)
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=60, env=env)
+        return None if out is None else out.decode().strip()
+    except UnicodeDecodeError:
+        return None
+
+
+def git_bytes(*args: str, env: dict | None = None) -> bytes | None:
+    """``git ARGS``: its output as bytes, untouched (a diff of CRLF or Latin-1 files must apply
+    as it was written: text mode would turn its line ends into LF or fail to decode it)."""
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, timeout=60, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() if strip else out.stdout
+    return out.stdout if out.returncode == 0 else None
 
 
 def pipeline_outputs(root: Path) -> list[str]:
@@ -60,7 +67,7 @@ class Uncommitted:
     git does not ignore) and the binary diff that turns the commit into the workspace."""
 
     files: tuple[str, ...]
-    diff: str
+    diff: bytes
 
     def tags(self) -> dict[str, str]:
         listed = ",".join(self.files)
@@ -87,7 +94,7 @@ def uncommitted() -> Uncommitted | None:
         changes = ("-C", top, "diff", "--cached")
         paths = ("HEAD", "--", ".", *excluded)
         names = git(*changes, "--name-only", *paths, env=env)
-        diff = git(*changes, "--binary", *paths, env=env, strip=False)
+        diff = git_bytes(*changes, "--binary", *paths, env=env)
     if names is None or diff is None:
         return None
     return Uncommitted(tuple(names.splitlines()), diff)
@@ -96,4 +103,8 @@ def uncommitted() -> Uncommitted | None:
 def log_uncommitted(client, run_id: str, state: Uncommitted | None) -> None:
     """The diff as the run's artifact ``DIFF_ARTIFACT``, when there is one."""
     if state is not None and state.diff:
-        client.log_text(run_id, state.diff, DIFF_ARTIFACT)
+        folder, name = DIFF_ARTIFACT.rsplit("/", 1)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / name
+            path.write_bytes(state.diff)
+            client.log_artifact(run_id, str(path), folder)
