@@ -177,6 +177,17 @@ def test_a_superseded_train_run_does_not_stay_running(store, tmp_path, tiny_para
     assert_recorded(store, rebuilt, changed, outputs)
 
 
+def test_a_restarted_group_without_a_checkpoint_tags_its_new_run(store, tiny_params):
+    """torchrun restarted the processes before epoch 1's checkpoint: nothing to resume, a new
+    run, but it still says the processes were restarted (twice here); a first start says not."""
+    for restarts, tag in ((2, "2"), (0, None)):
+        with training_run(
+            tiny_params, CHECKSUMS, device="cpu", params_file=PARAMS_FILE, restarts=restarts
+        ) as run:
+            pass
+        assert store.get_run(run.run_id).data.tags.get("vaelab.restarts") == tag
+
+
 def test_training_run_is_failed_with_the_reason(store, tiny_params):
     with (
         pytest.raises(RuntimeError),

@@ -108,8 +108,9 @@ def training_run(
         client.set_tag(run_id, "vaelab.resumed_after_epoch", str(len(history)))
         if restarts:
             client.set_tag(run_id, "vaelab.restarts", str(restarts))
-    else:
+    else:  # also a group torchrun restarted before the first checkpoint: a new run, so tag it
         tags = context_tags(checksums, params, params_file) | training_tags(device, world_size)
+        tags |= {"vaelab.restarts": str(restarts)} if restarts else {}
         run_id = create_run(client, experiment_id, params, checksums, tags)
     try:
         if resumed is None:
