@@ -257,6 +257,16 @@ def test_bad_input_is_one_line_and_changes_nothing(reproduced_copy, monkeypatch)
     assert snapshot(repo) == before  # the clone is gone too
 
 
+def test_a_nan_against_a_number_is_a_difference_wherever_it_is():
+    from vaelab.tracking.reproduction import _largest_difference
+
+    nan = float("nan")
+    for a, b in (([0.0, nan], [0.0, 5.0]), ([nan, 1.0], [5.0, 1.0])):
+        steps = list(enumerate(a)), list(enumerate(b))
+        assert _largest_difference(*steps) == float("inf")
+    assert _largest_difference([(1, nan), (2, 3.0)], [(1, nan), (2, 3.5)]) == 0.5
+
+
 def test_the_verdict_lines_name_each_differing_metric_largest_first():
     from vaelab.tracking.reproduction import Comparison
 

@@ -176,11 +176,12 @@ def _finite(value: float) -> float | str:
 
 
 def _largest_difference(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> float:
-    """Max |a - b| over steps; inf when the steps differ. NaN against NaN counts as equal."""
+    """Max |a - b| over steps; inf when the steps differ or one run has NaN where the other has
+    a number (max() would pass over a NaN gap). NaN against NaN counts as equal."""
     if [s for s, _ in a] != [s for s, _ in b]:
         return math.inf
     gaps = [_gap(x, y) for (_, x), (_, y) in zip(a, b, strict=True)]
-    return max(gaps, default=0.0)
+    return math.inf if any(math.isnan(g) for g in gaps) else max(gaps, default=0.0)
 
 
 def _gap(x: float, y: float) -> float:
