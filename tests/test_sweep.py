@@ -162,6 +162,54 @@ def test_an_experiment_that_ran_between_two_looks_is_reported_once():
     assert progress.update({"forky-moms": "Success", "muzzy-puke": "Queued"}, 8.0) == []
 
 
+class EndedWorkers:
+    """A `dvc queue start` that has exited with ``code``."""
+
+    def __init__(self, code: int):
+        self.returncode = code
+
+    def poll(self) -> int:
+        return self.returncode
+
+
+def test_workers_that_end_with_experiments_still_queued_stop_the_wait(monkeypatch):
+    """Nothing will run what is left in the queue: an error naming the counts, not a wait
+    forever; workers that ended after the last experiment did are no error."""
+    queued = sweep.parse_queued(QUEUED)
+    looks = []
+
+    def status(*args: str) -> str:
+        looks.append(args)
+        assert len(looks) < 5, "still waiting on a queue nothing will run"
+        return STATUS.format("Success", "Queued")
+
+    monkeypatch.setattr(sweep, "_dvc", status)
+    with pytest.raises(VaelabError, match=r"ended \(exit 1\) with 0 running, 1 queued, 1 ended"):
+        sweep.watch(queued, EndedWorkers(1), poll=0)
+    monkeypatch.setattr(sweep, "_dvc", lambda *args: STATUS.format("Success", "Failed"))
+    assert sweep.watch(queued, EndedWorkers(0), poll=0).done
+
+
+def test_a_sweep_that_cannot_queue_ends_its_parent_failed(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def no_queue(grid, label):
+        raise VaelabError("dvc exp run --queue failed: no scm")
+
+    monkeypatch.setattr(sweep, "queue", no_queue)
+    args = ["--params", str(PROJECT / "params.yaml"), "--grid", "train.seed=1,2", "--label", "s"]
+    args += ["--report", str(tmp_path / "c.md"), "--figures", str(tmp_path / "c")]
+    with pytest.raises(VaelabError, match="no scm"):
+        sweep.main(args)
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert parent.info.run_name == "s" and parent.info.status == "FAILED"
+    assert "no scm" in parent.data.tags["mlflow.note.content"]
+
+
 def test_a_queued_grid_is_a_parent_run_with_a_child_per_combination_grouped_by_config(tmp_path):
     """`python -m vaelab.sweep` as make sweep runs it on a 2 x 2 grid (latent_dims x seed, one
     epoch): the parent run, DVC's grid syntax (one queued experiment per combination), a line as

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from vaelab import params as params_mod
 from vaelab.errors import VaelabError, run_stage
-from vaelab.tracking.sweeps import start_sweep
+from vaelab.tracking.sweeps import fail_sweep, start_sweep
 
 SWEEP_KEY = "mlflow.sweep"  # set by the sweep itself: the label of its runs
 POLL_SECONDS = 5.0
@@ -214,15 +214,25 @@ class Progress:
         return f"{running} running, {waiting} queued, {len(values) - running - waiting} ended"
 
 
-def watch(queued: list[Queued], poll: float = POLL_SECONDS) -> Progress:
-    """Print a line whenever one of ``queued`` starts, finishes or fails, until all have ended."""
+def watch(queued: list[Queued], workers=None, poll: float = POLL_SECONDS) -> Progress:
+    """Print a line whenever one of ``queued`` starts, finishes or fails, until all have ended.
+    ``workers``: the ``dvc queue start`` process (a Popen); when it has exited and the queue
+    still holds some of ``queued``, nothing will run them: a VaelabError, not a wait forever."""
     progress = Progress(queued, time.monotonic())
     print(f"sweep: waiting for {len(queued)} experiments ({progress.counts()})", flush=True)
     while not progress.done:
         time.sleep(poll)
+        # Asked before the queue's status, so an experiment that ended just before the workers
+        # did is already in the status read below.
+        exited = workers is not None and workers.poll() is not None
         statuses = parse_queue_status(_dvc("queue", "status"))
         for line in progress.update(statuses, time.monotonic()):
             print(f"{line}  [{progress.counts()}]", flush=True)
+        if exited and not progress.done:
+            raise VaelabError(
+                f"sweep: dvc queue start ended (exit {workers.returncode}) with "
+                f"{progress.counts()}; see dvc queue status, then dvc queue start"
+            )
     return progress
 
 
@@ -252,6 +262,28 @@ def compare_command(args: argparse.Namespace, label: str, expected: int) -> list
     ]
 
 
+def run_queue(queued: list[Queued], jobs: int) -> None:
+    """``dvc queue start -j JOBS``, watched until every one of ``queued`` has ended."""
+    # Each worker's torch threads: the cores shared out (torch's default, all cores each,
+    # oversubscribes).
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    # `dvc queue start` returns once its workers have emptied the queue (DVC 3.67): watch the
+    # queue meanwhile. Its messages go to a file, which a pipe nobody reads could not take.
+    with tempfile.TemporaryFile("w+") as log:
+        workers = subprocess.Popen(
+            ["dvc", "queue", "start", "-j", str(jobs)], env=env, stdout=log, stderr=log
+        )
+        try:
+            watch(queued, workers)
+        except VaelabError as error:
+            log.seek(0)
+            raise VaelabError(f"{error}\n{log.read()}".rstrip()) from None
+        if workers.wait() != 0:
+            log.seek(0)
+            raise VaelabError(f"sweep: dvc queue start failed:\n{log.read()}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, required=True)
@@ -269,21 +301,12 @@ def main(argv: list[str] | None = None) -> None:
     swept = {key: ",".join(values) for key, values in grid.items()}
     run_id = start_sweep(experiment, label, swept)
     print(f"sweep: MLflow parent run {run_id} for the {count} runs of sweep '{label}'")
-    queued = queue(grid, label)
-    # Each worker's torch threads: the cores shared out (torch's default, all cores each,
-    # oversubscribes).
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
-    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-    # `dvc queue start` returns once its workers have emptied the queue (DVC 3.67): watch the
-    # queue meanwhile. Its messages go to a file, which a pipe nobody reads could not take.
-    with tempfile.TemporaryFile("w+") as log:
-        workers = subprocess.Popen(
-            ["dvc", "queue", "start", "-j", str(args.jobs)], env=env, stdout=log, stderr=log
-        )
-        watch(queued)
-        if workers.wait() != 0:
-            log.seek(0)
-            raise VaelabError(f"sweep: dvc queue start failed:\n{log.read()}")
+    try:
+        queued = queue(grid, label)
+        run_queue(queued, args.jobs)
+    except BaseException as error:  # also Ctrl-C: the parent must not stay RUNNING
+        fail_sweep(experiment, label, f"{type(error).__name__}: {error}"[:2000])
+        raise
     done = subprocess.run(compare_command(args, label, len(queued)))
     if done.returncode != 0:
         raise SystemExit(done.returncode)

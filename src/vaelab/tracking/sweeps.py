@@ -29,12 +29,13 @@ def start_sweep(experiment: str, label: str, swept: dict[str, str]) -> str:
 
 
 def fail_sweep(experiment: str, label: str, reason: str) -> bool:
-    """End sweep ``label``'s parent run as FAILED with ``reason`` as its note (the comparison
-    that would finish it could not be made); False when the sweep has no running parent."""
+    """End sweep ``label``'s parent run as FAILED with ``reason`` as its note (its experiments
+    could not be queued or run, or the comparison that would finish it could not be made);
+    False when the sweep has no running parent."""
     client, experiment_id = connect(experiment)
     parent = sweep_parent(client, experiment_id, label)
     if parent is None or client.get_run(parent).info.status != "RUNNING":
         return False
-    client.set_tag(parent, "mlflow.note.content", f"The sweep's comparison failed: {reason}")
+    client.set_tag(parent, "mlflow.note.content", f"The sweep failed: {reason}")
     client.set_terminated(parent, "FAILED")
     return True
