@@ -162,34 +162,6 @@ def test_an_experiment_that_ran_between_two_looks_is_reported_once():
     assert progress.update({"forky-moms": "Success", "muzzy-puke": "Queued"}, 8.0) == []
 
 
-class EndedWorkers:
-    """A `dvc queue start` that has exited with ``code``."""
-
-    def __init__(self, code: int):
-        self.returncode = code
-
-    def poll(self) -> int:
-        return self.returncode
-
-
-def test_workers_that_end_with_experiments_still_queued_stop_the_wait(monkeypatch):
-    """Nothing will run what is left in the queue: an error naming the counts, not a wait
-    forever; workers that ended after the last experiment did are no error."""
-    queued = sweep.parse_queued(QUEUED)
-    looks = []
-
-    def status(*args: str) -> str:
-        looks.append(args)
-        assert len(looks) < 5, "still waiting on a queue nothing will run"
-        return STATUS.format("Success", "Queued")
-
-    monkeypatch.setattr(sweep, "_dvc", status)
-    with pytest.raises(VaelabError, match=r"ended \(exit 1\) with 0 running, 1 queued, 1 ended"):
-        sweep.watch(queued, EndedWorkers(1), poll=0)
-    monkeypatch.setattr(sweep, "_dvc", lambda *args: STATUS.format("Success", "Failed"))
-    assert sweep.watch(queued, EndedWorkers(0), poll=0).done
-
-
 def test_a_sweep_that_cannot_queue_ends_its_parent_failed(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

@@ -214,25 +214,15 @@ class Progress:
         return f"{running} running, {waiting} queued, {len(values) - running - waiting} ended"
 
 
-def watch(queued: list[Queued], workers=None, poll: float = POLL_SECONDS) -> Progress:
-    """Print a line whenever one of ``queued`` starts, finishes or fails, until all have ended.
-    ``workers``: the ``dvc queue start`` process (a Popen); when it has exited and the queue
-    still holds some of ``queued``, nothing will run them: a VaelabError, not a wait forever."""
+def watch(queued: list[Queued], poll: float = POLL_SECONDS) -> Progress:
+    """Print a line whenever one of ``queued`` starts, finishes or fails, until all have ended."""
     progress = Progress(queued, time.monotonic())
     print(f"sweep: waiting for {len(queued)} experiments ({progress.counts()})", flush=True)
     while not progress.done:
         time.sleep(poll)
-        # Asked before the queue's status, so an experiment that ended just before the workers
-        # did is already in the status read below.
-        exited = workers is not None and workers.poll() is not None
         statuses = parse_queue_status(_dvc("queue", "status"))
         for line in progress.update(statuses, time.monotonic()):
             print(f"{line}  [{progress.counts()}]", flush=True)
-        if exited and not progress.done:
-            raise VaelabError(
-                f"sweep: dvc queue start ended (exit {workers.returncode}) with "
-                f"{progress.counts()}; see dvc queue status, then dvc queue start"
-            )
     return progress
 
 
@@ -268,17 +258,15 @@ def run_queue(queued: list[Queued], jobs: int) -> None:
     # oversubscribes).
     threads = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-    # `dvc queue start` returns once its workers have emptied the queue (DVC 3.67): watch the
-    # queue meanwhile. Its messages go to a file, which a pipe nobody reads could not take.
+    # `dvc queue start` (DVC 3.67) may return at once, its workers detached ("Started '2' new
+    # experiments task queue workers."), or once they have emptied the queue: either way the
+    # queue's own status says when every experiment has ended, so that is what is watched. Its
+    # messages go to a file, which a pipe nobody reads could not take.
     with tempfile.TemporaryFile("w+") as log:
         workers = subprocess.Popen(
             ["dvc", "queue", "start", "-j", str(jobs)], env=env, stdout=log, stderr=log
         )
-        try:
-            watch(queued, workers)
-        except VaelabError as error:
-            log.seek(0)
-            raise VaelabError(f"{error}\n{log.read()}".rstrip()) from None
+        watch(queued)
         if workers.wait() != 0:
             log.seek(0)
             raise VaelabError(f"sweep: dvc queue start failed:\n{log.read()}")
