@@ -417,11 +417,16 @@ def test_ranks_that_read_the_checkpoint_otherwise_are_refused_on_every_rank(
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     refusal = f"error: the 2 processes do not agree on the checkpoint {out / 'checkpoint.pt'}: "
-    assert [e.startswith(refusal) for e in errors] == [True, True, False, False], errors
+    # Every rank refuses and exits with the message; but torchrun stops the other rank (SIGTERM)
+    # as soon as one has exited with an error, which on busy cores can come before the other
+    # rank's line is written: one or two lines of each attempt.
+    first = [e for e in errors if e.startswith(refusal)]
+    assert len(first) in (1, 2) and errors[: len(first)] == first, errors
     assert "rank 0 resumes after epoch 1 of MLflow run" in errors[0] and said in errors[0]
     # The one restart: each process stops at once, with the reason.
     again = "error: not restarted after a final failure: the 2 processes do not agree"
-    assert all(e.startswith(again) for e in errors[2:]), errors
+    later = errors[len(first) :]
+    assert len(later) in (1, 2) and all(e.startswith(again) for e in later), errors
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".stopped"} == before
     assert "epoch   2/2" not in done.stdout
 
