@@ -459,6 +459,69 @@ def test_a_diverging_run_is_not_restarted(tmp_path, uninterrupted):
     assert run.info.status == "FAILED" and "NaN or infinite" in run.data.tags["vaelab.error"]
 
 
+# Two gloo processes joined through a file store (no torchrun: a few seconds), each printing what
+# distributed.all_true gives for the flags of ARGV[3:] (one per rank, 1 or 0), then what
+# training.check_diverged makes of an epoch whose steps were all finite while rank 0 alone
+# evaluated the test set, to NaN: rank 1 has no test numbers, as in the training loop.
+# argv: RANK STORE-FILE FLAGS...
+TWO_RANKS_AGREE = """
+import sys
+from types import SimpleNamespace
+import torch
+import torch.distributed as dist
+from vaelab import distributed, training
+from vaelab.errors import VaelabError
+rank, store, cases = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+world = distributed.World(rank=rank, size=2, local_rank=rank, local_size=2)
+cpu = torch.device("cpu")
+for flags in cases:
+    print("all_true", flags, distributed.all_true(flags[rank] == "1", world, cpu), flush=True)
+test = {"neg_elbo": float("nan")} if rank == 0 else {}
+result = training.EpochResult(loss=100.0, recon=90.0, kl=10.0, first_bad_step=-1, images=333)
+plan = SimpleNamespace(world=world, device=cpu, n_batches=11)
+try:
+    training.check_diverged(result, test, epoch=2, plan=plan, lr=1e-3, cfg_lr=1e-3)
+    print("check_diverged passed", flush=True)
+except VaelabError as error:
+    print("check_diverged raised", error, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_nan_test_elbo_on_rank_0_stops_every_rank(tmp_path):
+    """A flag false on one rank is false on every rank (a MIN all-reduce; a SUM would call
+    1 + 0 true), so rank 0's non-finite test ELBO reaches rank 1 and both raise the divergence
+    error after the epoch (the end-to-end divergence test stops inside a step instead)."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS_AGREE)
+    cases = {"01": "False", "10": "False", "00": "False", "11": "True"}  # rank 0's flag first
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), str(tmp_path / "store"), *cases],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    try:
+        for process in ranks:
+            stdout, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr[-3000:]
+            outputs.append(stdout.splitlines())
+    finally:
+        for process in ranks:
+            process.kill()
+    for rank, lines in enumerate(outputs):
+        assert lines[: len(cases)] == [f"all_true {k} {v}" for k, v in cases.items()], rank
+        assert lines[len(cases)].startswith(
+            "check_diverged raised the test ELBO became NaN or infinite after epoch 2: training "
+            "diverged. The checkpoint of epoch 1 is kept."
+        ), (rank, lines)
+
+
 def test_torchrun_by_hand_without_its_own_stores_is_warned_about(monkeypatch):
     """What the processes see of torchrun: restarts on and the agent's store shared (the
     default) gives the warning; restarts off, or stores of its own, none."""
