@@ -5,6 +5,7 @@ reduction order, with one MLflow run holding one value per epoch."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -457,6 +458,64 @@ def test_a_diverging_run_is_not_restarted(tmp_path, uninterrupted):
     ]
     run = the_run(store)
     assert run.info.status == "FAILED" and "NaN or infinite" in run.data.tags["vaelab.error"]
+
+
+def test_each_launched_rank_gets_its_share_of_the_cores_unless_the_user_set_it(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 in every worker when --nproc_per_node > 1 and the variable
+    is unset (torch/distributed/run.py); the environment `launch` hands it says each process's
+    share instead (cores // processes, at least 1), on a simulated 16-core machine here, and
+    keeps a value the user set."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)))
+    shares = {n: distributed.launch_environment(n)["OMP_NUM_THREADS"] for n in (2, 3, 16, 32)}
+    assert shares == {2: "8", 3: "5", 16: "1", 32: "1"}
+    assert distributed.launch_environment(2).items() >= distributed.RESTARTABLE.items()
+    monkeypatch.delattr(distributed.os, "sched_getaffinity")  # macOS, Windows: os.cpu_count
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 16)
+    assert distributed.launch_environment(4)["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.launch_environment(2)["OMP_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in distributed.RESTARTABLE  # the launcher's own is untouched
+
+
+# Under torchrun: writes this rank's OMP_NUM_THREADS and torch.get_num_threads() to
+# ARGV[1]/threads.RANK.
+RANK_THREADS = """
+import os, sys
+from pathlib import Path
+import torch
+seen = f"{os.environ.get('OMP_NUM_THREADS')} {torch.get_num_threads()}"
+Path(sys.argv[1], "threads." + os.environ["RANK"]).write_text(seen)
+"""
+
+
+def test_torchrun_keeps_the_share_launch_hands_it(tmp_path, monkeypatch):
+    """What each rank sees when `launch` starts 2 processes on a simulated 16-core machine:
+    OMP_NUM_THREADS 8 (torchrun alone gives 1), and the threads torch makes of 8 in a fresh
+    process, which MKL caps at the physical cores (2 here, where torchrun's 1 gave 1). torchrun
+    runs a script in place of vaelab.train, with launch's own options."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)))
+    script = tmp_path / "threads.py"
+    script.write_text(RANK_THREADS)
+    launch_command = distributed.launch_command
+
+    def running_the_script(nproc: int, argv: list[str], max_restarts: int = 0) -> list[str]:
+        command = launch_command(nproc, argv, max_restarts)
+        module = command.index("vaelab.train")  # "-m vaelab.train" -> the script
+        return [*command[: module - 1], str(script), *command[module + 1 :]]
+
+    monkeypatch.setattr(distributed, "launch_command", running_the_script)
+    distributed.launch(2, [str(tmp_path)])
+    torch_of_8 = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        env=os.environ | {"OMP_NUM_THREADS": "8"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    seen = {p.name: p.read_text() for p in tmp_path.glob("threads.*") if p.suffix != ".py"}
+    assert seen == {"threads.0": f"8 {torch_of_8}", "threads.1": f"8 {torch_of_8}"}
 
 
 # Two gloo processes joined through a file store (no torchrun: a few seconds), each printing what
