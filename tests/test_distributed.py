@@ -381,6 +381,9 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path, uninterrupted, c
     run = the_run(store)
     for key in HISTORY_METRICS:
         assert [m.step for m in client(store).get_metric_history(run.info.run_id, key)] == [1, 2]
+    # Tagged where it finished; the first attempt's processes kept beside (vaelab.tracking.run).
+    assert run.data.tags["world_size"] == "1"
+    assert "world_size=2" in run.data.tags["vaelab.earlier_environment"]
 
 
 @pytest.mark.parametrize(
