@@ -7,11 +7,12 @@
    complete training run that recorded what reproduction needs (its commit, its uncommitted
    changes, its data's MD5s, where it trained).
 2. Its own code, params and data, without touching this workspace: a temporary clone of this
-   repository (``git clone --shared``, which borrows the git objects) at the run's commit (for a
-   run of ``dvc exp run`` or the DVC queue, its experiment's commit) with the run's uncommitted
-   diff applied (``git apply``); the run's logged params in that clone's params.yaml; the data
-   from this repository's DVC cache (else pulled, else fetched by ``prepare``), checked against
-   the run's MD5s.
+   repository (``git clone --shared``, which borrows the git objects) at the run's commit with
+   the run's uncommitted diff applied (``git apply``); for a run of ``dvc exp run`` or the DVC
+   queue, at its experiment's commit, with the files of the diff that commit lacks (DVC
+   commits with ``git add -u``: a new file is left out) or has otherwise; the run's logged
+   params in that clone's params.yaml; the data from this repository's DVC cache (else
+   pulled, else fetched by ``prepare``), checked against the run's MD5s.
 3. ``dvc repro --force --no-commit --downstream train`` there (DVC's run cache would restore,
    not train; nothing is committed to the shared cache), with the run's torch thread count,
    logging into this repository's MLflow store: a new run, tagged ``vaelab.reproduces``.
@@ -19,9 +20,9 @@
    evaluation metric and the weights are equal; else **differs** (exit 3), with per metric the
    largest absolute difference and, as the likely cause, what differs between the two runs'
    recorded environments (device, torch version and threads, processes, Python, platform) or
-   params. Errors: one line, exit 2. Both runs are tagged (``vaelab.reproduced_by``,
-   ``vaelab.reproduction`` on the original), the comparison is the new run's artifact
-   ``reproduction/comparison.json``.
+   params. Errors: one line, exit 2. Both runs are tagged
+   (``vaelab.reproduced_by``, ``vaelab.reproduction`` on the original), the comparison is the
+   new run's artifact ``reproduction/comparison.json``.
 
 The clone is removed at the end, also after an error or Ctrl-C.
 """
@@ -59,8 +60,16 @@ DIFFERS = 3  # the exit status of "differs"; errors are 2 (vaelab.errors.run_sta
 def _run(*cmd: str, cwd: Path, env: dict | None = None, quiet: bool = True) -> str:
     """Run ``cmd`` in ``cwd``; its output (shown as it comes unless ``quiet``); raises on
     failure with the output in the message."""
+    # errors="replace": a command's messages may quote a file's bytes (git apply quotes a
+    # Latin-1 line it warns about), and they are only shown.
     done = subprocess.run(
-        cmd, cwd=cwd, env=env, text=True, capture_output=quiet, stdin=subprocess.DEVNULL
+        cmd,
+        cwd=cwd,
+        env=env,
+        text=True,
+        errors="replace",
+        capture_output=quiet,
+        stdin=subprocess.DEVNULL,
     )
     if done.returncode != 0:
         output = f"\n{done.stdout}{done.stderr}" if quiet else " (its messages are above)"
@@ -125,6 +134,58 @@ def clone_at(root: Path, commit: str) -> Iterator[Path]:
         yield clone
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def apply_uncommitted(run, clone: Path, folder: Path) -> list[str]:
+    """The run's code in ``clone``, checked out at ``source_commit``: a plain run's recorded diff
+    applied there; for a DVC experiment's run, whose commit holds its tracked changes already,
+    the files that commit lacks or has otherwise (``restore_left_out``), whose paths it
+    returns (none for a plain run). ``folder``: where the diff is downloaded."""
+    diff = reproduction.uncommitted_diff(run, folder)
+    if diff is None:
+        return []
+    if not run.data.tags.get("dvc.exp_name"):
+        _run("git", "apply", "--binary", str(diff), cwd=clone)
+        return []
+    return restore_left_out(clone, run.data.tags["git.commit"], diff)
+
+
+def restore_left_out(clone: Path, baseline: str, diff: Path) -> list[str]:
+    """Every file the run's ``diff`` (against its ``baseline`` commit) touches, as the run
+    trained with it, in the work tree of ``clone`` (at the experiment's commit) where that commit
+    has it otherwise; returns their paths. DVC commits an experiment with ``git add -u``, so a
+    file git did not track yet (a new module, a data manifest) is in the diff and not in the
+    commit; the diff leaves out DVC's own outputs (``dvc.lock``, metrics), kept from the commit."""
+    with tempfile.TemporaryDirectory() as scratch:
+        # The run's tree, built in an index of its own: the clone's index stays the commit's.
+        env = os.environ | {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        _run("git", "read-tree", baseline, cwd=clone, env=env)
+        try:
+            _run("git", "apply", "--cached", "--binary", str(diff), cwd=clone, env=env)
+        except VaelabError as error:
+            raise VaelabError(
+                f"the run's recorded diff does not apply on its commit {baseline[:12]}, so the "
+                f"files its experiment's commit lacks cannot be re-created: {_last_line(error)}"
+            ) from None
+        trained = _run("git", "write-tree", cwd=clone, env=env).strip()
+
+    def changed(a: str, b: str) -> set[str]:
+        names = _run("git", "diff", "--name-only", "-z", "--no-renames", a, b, cwd=clone)
+        return set(names.split("\0")) - {""}
+
+    restored = sorted(changed(baseline, trained) & changed("HEAD", trained))
+    if restored:
+        # --worktree only: the files come back untracked, as in the run's workspace; a file the
+        # run had deleted is deleted.
+        literal = [f":(literal){path}" for path in restored]
+        _run("git", "restore", f"--source={trained}", "--worktree", "--", *literal, cwd=clone)
+    return restored
+
+
+def _last_line(error: Exception) -> str:
+    """A failed command's last line of output: its error, usually."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _configure(clone: Path, cache: str) -> None:
@@ -258,16 +319,18 @@ def reproduce(experiment: str, wanted: str, threads: int | None = None) -> repro
     started_ms = int(time.time() * 1000)
     with tempfile.TemporaryDirectory() as scratch, clone_at(root, commit) as clone:
         folder = Path(scratch)
-        experiment_run = bool(original.data.tags.get("dvc.exp_name"))  # its commit holds all
-        diff = None if experiment_run else reproduction.uncommitted_diff(original, folder)
-        if diff is not None:
-            _run("git", "apply", "--binary", str(diff), cwd=clone)
+        restored = apply_uncommitted(original, clone, folder)
+        if restored:
+            print(
+                "reproduce: from the run's recorded diff, as it trained with them (DVC "
+                f"commits an experiment with `git add -u`): {', '.join(restored)}"
+            )
         differing = write_params(original, clone)
         env = pipeline_env(original, threads)
         restore_data(original, clone, env)
         dvc = (sys.executable, "-m", "dvc")
-        # --no-commit: the clone shares this repository's DVC cache, and a run-cache entry from
-        # here (same deps and params as the original) would hand this workspace's next
+        # --no-commit: the clone shares this repository's DVC cache, and a run-cache entry
+        # from here (same deps and params as the original) would hand this workspace's next
         # `dvc repro` the reproduction's outputs and MLflow run instead of the original's.
         repro = ("repro", "--force", "--no-commit", "--downstream", "train")
         _run(*dvc, *repro, cwd=clone, env=env, quiet=False)

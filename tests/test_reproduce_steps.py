@@ -1,0 +1,168 @@
+"""Fast tests of `vaelab.reproduce`'s steps on small git repositories made here, and of its
+verdict on hand-made comparisons and runs: no pipeline runs, no MLflow store (the end-to-end
+reproductions are in test_reproduce.py).
+
+- A DVC experiment's commit lacks the files git did not track when it ran (DVC commits with
+  `git add -u`); the clone gets them from the run's recorded diff."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vaelab import reproduce
+from vaelab.errors import VaelabError
+from vaelab.tracking import reproduction
+from vaelab.tracking.source import UNCOMMITTED_TAG, uncommitted
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def write(repo: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(content)
+
+
+def commit(repo: Path, message: str) -> str:
+    git(repo, "commit", "--quiet", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git repository with one commit: a params file, a module, DVC's lock and pipeline
+    (whose metrics file the recorded diff leaves out), and a folder ``.dvc`` (a DVC project)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "--quiet")
+    git(repo, "config", "user.email", "test@example.com")
+    git(repo, "config", "user.name", "test")
+    write(
+        repo,
+        {
+            "params.yaml": b"seed: 1\n",
+            "src/pkg/train.py": b"import pkg.steps\n",
+            "src/pkg/steps.py": b"STEPS = 3\n",
+            "dvc.yaml": b"stages:\n  train:\n    cmd: python x\n    metrics: [metrics.json]\n",
+            "dvc.lock": b"schema: '2.0'\n",
+            "metrics.json": b"{}\n",
+            ".dvc/config": b"",
+        },
+    )
+    git(repo, "add", "--all")
+    commit(repo, "baseline")
+    return repo
+
+
+def fake_run(**tags: str) -> SimpleNamespace:
+    """What ``reproduce`` reads of an MLflow run: its id and tags."""
+    info = SimpleNamespace(run_id="a" * 32)
+    return SimpleNamespace(info=info, data=SimpleNamespace(tags=tags, metrics={}, params={}))
+
+
+def clone_at_commit(repo: Path, commit: str, clone: Path) -> Path:
+    git(repo, "clone", "--quiet", "--shared", "--no-checkout", str(repo), str(clone))
+    git(clone, "checkout", "--quiet", "--detach", commit)
+    return clone
+
+
+# --- A DVC experiment's commit and the files git did not track ------------------------------
+
+NEW_MODULE = b"VALUE = 42  # caf\xe9, Latin-1\r\n"  # bytes as written, CRLF and all
+TRAIN_AS_RUN = b"import pkg.steps\nimport pkg.new_module\n"
+
+
+def experiment_run(repo: Path, tmp_path: Path, monkeypatch) -> tuple[str, str, Path]:
+    """``dvc exp run -S seed=5`` as DVC 3.67 does it in the workspace (seen in a scratch
+    repository): the run starts at the baseline with params.yaml and a module edited and a new
+    module git does not track, records its diff (``uncommitted``, as the train stage does), and
+    DVC then commits the experiment with ``git add -u`` and its lock file: the new module is
+    left out. Returns (baseline, experiment commit, the diff's file)."""
+    baseline = git(repo, "rev-parse", "HEAD")
+    write(
+        repo,
+        {
+            "params.yaml": b"seed: 5\n",
+            "src/pkg/train.py": TRAIN_AS_RUN,
+            "src/pkg/new_module.py": NEW_MODULE,
+            "metrics.json": b'{"loss": 1.5}\n',  # a pipeline output: not in the diff
+        },
+    )
+    monkeypatch.chdir(repo)
+    recorded = uncommitted()
+    monkeypatch.chdir(tmp_path)
+    assert recorded is not None
+    assert recorded.files == ("params.yaml", "src/pkg/new_module.py", "src/pkg/train.py")
+    diff = tmp_path / "uncommitted.diff"
+    diff.write_bytes(recorded.diff)
+    write(repo, {"dvc.lock": b"schema: '2.0'\nstages: {train: {}}\n"})
+    git(repo, "add", "-u")
+    experiment = commit(repo, "dvc: commit experiment")
+    listed = git(repo, "ls-tree", "-r", "--name-only", experiment).splitlines()
+    assert "src/pkg/new_module.py" not in listed and "src/pkg/train.py" in listed
+    return baseline, experiment, diff
+
+
+def test_an_experiment_run_gets_the_files_its_commit_left_out_from_its_recorded_diff(
+    repo, tmp_path, monkeypatch
+):
+    baseline, experiment, diff = experiment_run(repo, tmp_path, monkeypatch)
+    run = fake_run(
+        **{
+            "dvc.exp_name": "exp-a",
+            "dvc.baseline_rev": baseline,
+            "git.commit": baseline,
+            UNCOMMITTED_TAG: "params.yaml,src/pkg/new_module.py,src/pkg/train.py",
+        }
+    )
+    monkeypatch.setattr(reproduction, "uncommitted_diff", lambda run, folder: diff)
+    clone = clone_at_commit(repo, experiment, tmp_path / "clone")
+
+    restored = reproduce.apply_uncommitted(run, clone, tmp_path / "downloads")
+
+    assert restored == ["src/pkg/new_module.py"]
+    assert (clone / "src/pkg/new_module.py").read_bytes() == NEW_MODULE
+    # The rest is the experiment commit's: its tracked changes and DVC's lock file.
+    assert (clone / "src/pkg/train.py").read_bytes() == TRAIN_AS_RUN
+    assert (clone / "params.yaml").read_bytes() == b"seed: 5\n"
+    assert (clone / "dvc.lock").read_bytes() == b"schema: '2.0'\nstages: {train: {}}\n"
+    # Untracked in the clone, as in the run's workspace; the clone's index is the commit's.
+    assert git(clone, "status", "--porcelain") == "?? src/pkg/new_module.py"
+
+
+def test_a_file_the_experiment_commit_has_otherwise_comes_back_as_the_run_trained_with_it(
+    repo, tmp_path, monkeypatch
+):
+    """A module edited again after the run recorded its diff, before DVC committed: the
+    commit has the later edit, the run trained with the recorded one."""
+    baseline, _, diff = experiment_run(repo, tmp_path, monkeypatch)
+    write(repo, {"src/pkg/train.py": b"edited while it trained\n"})
+    git(repo, "add", "-u")
+    later = commit(repo, "an experiment commit with a later edit")
+    run = fake_run(**{"dvc.exp_name": "exp-a", "git.commit": baseline, UNCOMMITTED_TAG: "x"})
+    monkeypatch.setattr(reproduction, "uncommitted_diff", lambda run, folder: diff)
+    clone = clone_at_commit(repo, later, tmp_path / "clone")
+
+    restored = reproduce.apply_uncommitted(run, clone, tmp_path / "downloads")
+
+    assert restored == ["src/pkg/new_module.py", "src/pkg/train.py"]
+    assert (clone / "src/pkg/train.py").read_bytes() == TRAIN_AS_RUN
+
+
+def test_a_diff_that_does_not_apply_on_the_runs_commit_is_one_line(repo, tmp_path, monkeypatch):
+    _, experiment, diff = experiment_run(repo, tmp_path, monkeypatch)
+    # Its git.commit wrong: the diff's params.yaml change is already in the experiment commit.
+    run = fake_run(**{"dvc.exp_name": "exp-a", "git.commit": experiment, UNCOMMITTED_TAG: "x"})
+    monkeypatch.setattr(reproduction, "uncommitted_diff", lambda run, folder: diff)
+    clone = clone_at_commit(repo, experiment, tmp_path / "clone")
+    with pytest.raises(VaelabError, match="does not apply on its commit") as caught:
+        reproduce.apply_uncommitted(run, clone, tmp_path / "downloads")
+    assert "\n" not in str(caught.value)
