@@ -3,7 +3,8 @@ verdict on hand-made comparisons and runs: no pipeline runs, no MLflow store (th
 reproductions are in test_reproduce.py).
 
 - A DVC experiment's commit lacks the files git did not track when it ran (DVC commits with
-  `git add -u`); the clone gets them from the run's recorded diff."""
+  `git add -u`); the clone gets them from the run's recorded diff.
+- The experiment's commit is only taken from a ref whose baseline is the run's."""
 
 from __future__ import annotations
 
@@ -166,3 +167,49 @@ def test_a_diff_that_does_not_apply_on_the_runs_commit_is_one_line(repo, tmp_pat
     with pytest.raises(VaelabError, match="does not apply on its commit") as caught:
         reproduce.apply_uncommitted(run, clone, tmp_path / "downloads")
     assert "\n" not in str(caught.value)
+
+
+# --- Which commit is the run's experiment ---------------------------------------------------
+
+
+def commit_on(repo: Path, parent: str, message: str) -> str:
+    """A commit whose parent is ``parent``, made without touching the work tree."""
+    tree = git(repo, "rev-parse", f"{parent}^{{tree}}")
+    return git(repo, "commit-tree", tree, "-p", parent, "-m", message)
+
+
+def test_only_a_ref_whose_baseline_is_the_runs_is_taken_for_its_experiment(repo):
+    baseline = git(repo, "rev-parse", "HEAD")
+    other_baseline = commit_on(repo, baseline, "a later commit")
+    ours = commit_on(repo, baseline, "dvc: commit experiment (the run's)")
+    theirs = commit_on(repo, other_baseline, "dvc: commit experiment (another baseline's)")
+    unrelated = commit_on(repo, other_baseline, "a branch named like the experiment")
+    own_ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/exp-a"
+    other_ref = f"refs/exps/{other_baseline[:2]}/{other_baseline[2:]}/exp-a"
+
+    def refused(*refs: str) -> str:
+        with pytest.raises(VaelabError) as caught:
+            reproduce.experiment_commit("r" * 32, "exp-a", baseline, repo)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert f"`dvc exp pull origin {own_ref}`" in message, message
+        for ref in refs:
+            assert ref in message, message
+        return message
+
+    refused()  # none of that name
+    git(repo, "update-ref", "refs/heads/exp-a", unrelated)
+    message = refused("refs/heads/exp-a")
+    assert f"parent {other_baseline[:7]}" in message
+    git(repo, "update-ref", "-d", "refs/heads/exp-a")
+    git(repo, "update-ref", other_ref, theirs)
+    assert f"baseline {other_baseline[:7]}" in refused(other_ref)
+    git(repo, "update-ref", "refs/heads/exp-a", unrelated)
+    refused(other_ref, "refs/heads/exp-a")
+    # `dvc exp branch exp-a exp-a` (the experiment's commit as a branch): its parent is the
+    # run's baseline, so it is the run's experiment even without its own ref.
+    git(repo, "update-ref", "refs/heads/exp-a", ours)
+    assert reproduce.experiment_commit("r" * 32, "exp-a", baseline, repo) == ours
+    git(repo, "update-ref", "refs/heads/exp-a", unrelated)
+    git(repo, "update-ref", own_ref, ours)
+    assert reproduce.experiment_commit("r" * 32, "exp-a", baseline, repo) == ours

@@ -9,10 +9,11 @@
 2. Its own code, params and data, without touching this workspace: a temporary clone of this
    repository (``git clone --shared``, which borrows the git objects) at the run's commit with
    the run's uncommitted diff applied (``git apply``); for a run of ``dvc exp run`` or the DVC
-   queue, at its experiment's commit, with the files of the diff that commit lacks (DVC
-   commits with ``git add -u``: a new file is left out) or has otherwise; the run's logged
-   params in that clone's params.yaml; the data from this repository's DVC cache (else
-   pulled, else fetched by ``prepare``), checked against the run's MD5s.
+   queue, at its experiment's commit (only a ref whose baseline is the run's), with the files
+   of the diff that commit lacks (DVC commits with ``git add -u``: a new file is left out) or
+   has otherwise; the run's logged params in that clone's params.yaml; the data from this
+   repository's DVC cache (else pulled, else fetched by ``prepare``), checked against the run's
+   MD5s.
 3. ``dvc repro --force --no-commit --downstream train`` there (DVC's run cache would restore,
    not train; nothing is committed to the shared cache), with the run's torch thread count,
    logging into this repository's MLflow store: a new run, tagged ``vaelab.reproduces``.
@@ -90,21 +91,9 @@ def source_commit(run, root: Path) -> str:
     """The commit to re-create ``run`` from: its DVC experiment's (``dvc exp run``, the queue),
     else the commit it trained at; refused with how to get it when this repository lacks it."""
     tags = run.data.tags
-    name, baseline = tags.get("dvc.exp_name", ""), tags.get("dvc.baseline_rev", "")
+    name = tags.get("dvc.exp_name", "")
     if name:
-        refs = _run("git", "for-each-ref", "--format=%(objectname) %(refname)", cwd=root)
-        candidates = [line.split()[0] for line in refs.splitlines() if line.endswith(f"/{name}")]
-        exact = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
-        for line in refs.splitlines():
-            if line.endswith(f" {exact}"):
-                return line.split()[0]
-        if len(candidates) == 1:
-            return candidates[0]
-        raise VaelabError(
-            f"run {run.info.run_id} is DVC experiment '{name}' (baseline {baseline[:7]}), which "
-            f"is not in this repository: `dvc exp pull origin {name}` (or `dvc exp list "
-            "--all-commits` to see what is here)."
-        )
+        return experiment_commit(run.info.run_id, name, tags.get("dvc.baseline_rev", ""), root)
     commit = tags["git.commit"]
     if not _has_commit(root, commit):
         raise VaelabError(
@@ -113,6 +102,52 @@ def source_commit(run, root: Path) -> str:
             "run this again."
         )
     return commit
+
+
+def experiment_ref(baseline: str, name: str) -> str:
+    """Where DVC keeps experiment ``name`` of commit ``baseline``."""
+    return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+
+
+def experiment_commit(run_id: str, name: str, baseline: str, root: Path) -> str:
+    """The commit of DVC experiment ``name`` run on commit ``baseline``: its own ref
+    (``experiment_ref``), else any ref named ``.../NAME`` (a ``dvc exp branch``, an experiment
+    ref fetched under another path) whose commit's parent is ``baseline``, as an experiment
+    commit's is. Experiment names are unique per baseline only, and a branch may share the name:
+    such refs with another baseline are refused, naming them, with how to fetch the right one."""
+    refs = _run("git", "for-each-ref", "--format=%(refname)", cwd=root).splitlines()
+    own = experiment_ref(baseline, name)
+    named = [ref for ref in refs if ref.rsplit("/", 1)[-1] == name]
+    accepted, other = set(), []
+    for ref in named:
+        log = ("git", "log", "-1", "--format=%H %P", f"{ref}^{{commit}}", "--")
+        commit, _, parents = _run(*log, cwd=root).strip().partition(" ")
+        if baseline and ref == own:
+            return commit
+        parent = parents.split(" ")[0]
+        # refs/exps/<2>/<38>/<name>: the path names the baseline, which must agree as well.
+        parts = ref.split("/")
+        path_baseline = "".join(parts[2:4]) if parts[1] == "exps" and len(parts) == 5 else ""
+        if baseline and parent == baseline and path_baseline in ("", baseline):
+            accepted.add(commit)
+        elif path_baseline:
+            other.append(f"{ref} (baseline {path_baseline[:7]})")
+        else:
+            other.append(f"{ref} ({f'parent {parent[:7]}' if parent else 'no parent'})")
+    if len(accepted) == 1:
+        return accepted.pop()
+    fetch = f"dvc exp pull origin {own if baseline else name}"
+    described = f"run {run_id} is DVC experiment '{name}' (baseline {baseline[:7] or 'unknown'})"
+    if accepted:
+        raise VaelabError(
+            f"{described}, and several commits here could be it ({', '.join(sorted(accepted))}): "
+            f"`{fetch}` fetches its own ref."
+        )
+    elsewhere = f" ({', '.join(other)} share its name only)" if other else ""
+    raise VaelabError(
+        f"{described}, which is not in this repository{elsewhere}: `{fetch}` (or `dvc exp list "
+        "--all-commits` to see what is here)."
+    )
 
 
 @contextlib.contextmanager
