@@ -4,19 +4,22 @@ reproductions are in test_reproduce.py).
 
 - A DVC experiment's commit lacks the files git did not track when it ran (DVC commits with
   `git add -u`); the clone gets them from the run's recorded diff.
-- The experiment's commit is only taken from a ref whose baseline is the run's."""
+- The experiment's commit is only taken from a ref whose baseline is the run's.
+- MLflow, git or a file failing after the clone is made: exit 2, one line, no clone left."""
 
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from vaelab import reproduce
-from vaelab.errors import VaelabError
+from vaelab.errors import VaelabError, run_stage
 from vaelab.tracking import reproduction
+from vaelab.tracking.reproduction import Comparison
 from vaelab.tracking.source import UNCOMMITTED_TAG, uncommitted
 
 
@@ -213,3 +216,87 @@ def test_only_a_ref_whose_baseline_is_the_runs_is_taken_for_its_experiment(repo)
     git(repo, "update-ref", "refs/heads/exp-a", unrelated)
     git(repo, "update-ref", own_ref, ours)
     assert reproduce.experiment_commit("r" * 32, "exp-a", baseline, repo) == ours
+
+
+# --- A failure after the clone is made ------------------------------------------------------
+
+
+@pytest.fixture
+def own_temporary_folder(tmp_path, monkeypatch) -> Path:
+    """Clones are made here (``TMPDIR``), so "no clone left" sees only this test's."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def mlflow_down(*args, **kwargs):
+    from mlflow.exceptions import MlflowException
+
+    raise MlflowException("API request to /api/2.0/mlflow/runs/get failed\nwith error 503")
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def git_gone(*args, **kwargs):
+    raise subprocess.CalledProcessError(128, ["git", "status"], "fatal: not a git repository")
+
+
+NEW_RUN = SimpleNamespace(info=SimpleNamespace(run_id="b" * 32))
+COMPARED = Comparison("a" * 32, "b" * 32, {"k": 0.0}, ("1" * 64, "1" * 64))
+
+
+@pytest.mark.parametrize(
+    ("module", "step", "failure", "message"),
+    [
+        (reproduction, "uncommitted_diff", mlflow_down, "MlflowException: API request to"),
+        (reproduce, "write_params", disk_full, "No space left on device"),
+        (reproduce, "restore_data", git_gone, "CalledProcessError: Command '['git', 'status']'"),
+        (reproduction, "mark", mlflow_down, f"its reproduction, run {'b' * 32}, is in the store"),
+    ],
+)
+def test_a_failure_after_the_clone_is_exit_2_in_one_line_and_leaves_no_clone(
+    repo, own_temporary_folder, monkeypatch, capsys, module, step, failure, message
+):
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{own_temporary_folder / 'x.db'}")
+    baseline = git(repo, "rev-parse", "HEAD")
+    run = fake_run(**{"git.commit": baseline, UNCOMMITTED_TAG: "", "torch.threads": "1"})
+    monkeypatch.setattr(reproduction, "find_run", lambda experiment, wanted: run)
+    monkeypatch.setattr(reproduction, "missing", lambda run: [])
+    clones = []
+    real_clone_at = reproduce.clone_at
+
+    def clone_at(root, commit):
+        clones.append(commit)
+        return real_clone_at(root, commit)
+
+    # The steps that would run the pipeline and read the store, up to the failing one.
+    monkeypatch.setattr(reproduce, "clone_at", clone_at)
+    monkeypatch.setattr(reproduce, "write_params", lambda run, clone: {})
+    monkeypatch.setattr(reproduce, "restore_data", lambda run, clone, env: None)
+    real_run = reproduce._run
+    monkeypatch.setattr(
+        reproduce,
+        "_run",
+        lambda *cmd, **kw: "" if "repro" in cmd and "--force" in cmd else real_run(*cmd, **kw),
+    )
+    monkeypatch.setattr(reproduction, "reproduction_of", lambda run_id, since: NEW_RUN)
+    monkeypatch.setattr(reproduce, "_weights", lambda run, folder: "1" * 64)
+    monkeypatch.setattr(reproduction, "compare", lambda *args: COMPARED)
+    monkeypatch.setattr(reproduction, "mark", lambda comparison, name: None)
+    monkeypatch.setattr(module, step, failure)
+
+    with pytest.raises(SystemExit) as caught:
+        run_stage(lambda: reproduce.main(["--params", "p.yaml", "--experiment", "e", "a" * 32]))
+
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: reproducing run {'a' * 32} stopped")
+    assert message in err, err
+    assert "The temporary clone is removed" in err
+    assert clones == [baseline]  # the clone was made
+    assert list(own_temporary_folder.glob("vaelab-reproduce-*")) == []  # and is gone

@@ -21,7 +21,7 @@
    evaluation metric and the weights are equal; else **differs** (exit 3), with per metric the
    largest absolute difference and, as the likely cause, what differs between the two runs'
    recorded environments (device, torch version and threads, processes, Python, platform) or
-   params. Errors: one line, exit 2. Both runs are tagged
+   params. Errors (MLflow, git or DVC failing too): one line, exit 2. Both runs are tagged
    (``vaelab.reproduced_by``, ``vaelab.reproduction`` on the original), the comparison is the
    new run's artifact ``reproduction/comparison.json``.
 
@@ -223,6 +223,12 @@ def _last_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def _first_line(error: Exception) -> str:
+    """An exception's first line: what went wrong (MLflow's may add a long response body)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else "(no message)"
+
+
 def _configure(clone: Path, cache: str) -> None:
     """The clone's DVC settings, written directly (a `dvc` command there would start DVC's
     update check, a detached process that writes into the clone after it is removed): the
@@ -352,32 +358,50 @@ def reproduce(experiment: str, wanted: str, threads: int | None = None) -> repro
     threads = threads or int(original.data.tags["torch.threads"])
     print(f"reproduce: run {original.info.run_id} from commit {commit[:12]}, {threads} threads")
     started_ms = int(time.time() * 1000)
-    with tempfile.TemporaryDirectory() as scratch, clone_at(root, commit) as clone:
-        folder = Path(scratch)
-        restored = apply_uncommitted(original, clone, folder)
-        if restored:
-            print(
-                "reproduce: from the run's recorded diff, as it trained with them (DVC "
-                f"commits an experiment with `git add -u`): {', '.join(restored)}"
-            )
-        differing = write_params(original, clone)
-        env = pipeline_env(original, threads)
-        restore_data(original, clone, env)
-        dvc = (sys.executable, "-m", "dvc")
-        # --no-commit: the clone shares this repository's DVC cache, and a run-cache entry
-        # from here (same deps and params as the original) would hand this workspace's next
-        # `dvc repro` the reproduction's outputs and MLflow run instead of the original's.
-        repro = ("repro", "--force", "--no-commit", "--downstream", "train")
-        _run(*dvc, *repro, cwd=clone, env=env, quiet=False)
-        new = reproduction.reproduction_of(original.info.run_id, started_ms)
-        if new is None:
-            raise VaelabError(
-                f"the re-created pipeline ended without a FINISHED run tagged "
-                f"{reproduction.REPRODUCES_TAG} = {original.info.run_id}"
-            )
-        weights = (_weights(original, folder / "a"), _weights(new, folder / "b"))
-    comparison = reproduction.compare(original, new, weights, differing)
-    reproduction.mark(comparison, original.data.tags.get("mlflow.runName", ""))
+    from dvc.exceptions import DvcException
+    from mlflow.exceptions import MlflowException
+
+    new = None
+    try:
+        with tempfile.TemporaryDirectory() as scratch, clone_at(root, commit) as clone:
+            folder = Path(scratch)
+            restored = apply_uncommitted(original, clone, folder)
+            if restored:
+                print(
+                    "reproduce: from the run's recorded diff, as it trained with them (DVC "
+                    f"commits an experiment with `git add -u`): {', '.join(restored)}"
+                )
+            differing = write_params(original, clone)
+            env = pipeline_env(original, threads)
+            restore_data(original, clone, env)
+            dvc = (sys.executable, "-m", "dvc")
+            # --no-commit: the clone shares this repository's DVC cache, and a run-cache entry
+            # from here (same deps and params as the original) would hand this workspace's next
+            # `dvc repro` the reproduction's outputs and MLflow run instead of the original's.
+            repro = ("repro", "--force", "--no-commit", "--downstream", "train")
+            _run(*dvc, *repro, cwd=clone, env=env, quiet=False)
+            new = reproduction.reproduction_of(original.info.run_id, started_ms)
+            if new is None:
+                raise VaelabError(
+                    f"the re-created pipeline ended without a FINISHED run tagged "
+                    f"{reproduction.REPRODUCES_TAG} = {original.info.run_id}"
+                )
+            weights = (_weights(original, folder / "a"), _weights(new, folder / "b"))
+        comparison = reproduction.compare(original, new, weights, differing)
+        reproduction.mark(comparison, original.data.tags.get("mlflow.runName", ""))
+    except (MlflowException, DvcException, OSError, subprocess.SubprocessError) as error:
+        # The store, git or DVC failing under us is no bug of vaelab's: one line (run_stage), and
+        # what is already done named, since a second try trains again.
+        made = (
+            f"; its reproduction, run {new.info.run_id}, is in the store, not compared"
+            if new is not None
+            else ""
+        )
+        raise VaelabError(
+            f"reproducing run {original.info.run_id} stopped: {type(error).__name__}: "
+            f"{_first_line(error)}. The temporary clone is removed and this workspace is as it "
+            f"was{made}; check the tracking store ({tracking_uri()}) and git, then run it again."
+        ) from None
     return comparison
 
 
