@@ -5,10 +5,13 @@ reproductions are in test_reproduce.py).
 - A DVC experiment's commit lacks the files git did not track when it ran (DVC commits with
   `git add -u`); the clone gets them from the run's recorded diff.
 - The experiment's commit is only taken from a ref whose baseline is the run's.
-- MLflow, git or a file failing after the clone is made: exit 2, one line, no clone left."""
+- MLflow, git or a file failing after the clone is made: exit 2, one line, no clone left.
+- The verdict is "identical" only when the weights and every metric are equal, and a metric one
+  run lacks is a difference."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import tempfile
 from pathlib import Path
@@ -300,3 +303,65 @@ def test_a_failure_after_the_clone_is_exit_2_in_one_line_and_leaves_no_clone(
     assert "The temporary clone is removed" in err
     assert clones == [baseline]  # the clone was made
     assert list(own_temporary_folder.glob("vaelab-reproduce-*")) == []  # and is gone
+
+
+# --- The verdict ----------------------------------------------------------------------------
+
+
+def test_identical_takes_equal_weights_and_equal_metrics_both():
+    equal, unequal = ("1" * 64, "1" * 64), ("1" * 64, "2" * 64)
+    assert Comparison("a", "b", {"m": 0.0}, equal).identical
+    assert not Comparison("a", "b", {"m": 0.0}, unequal).identical  # weights differ only
+    assert not Comparison("a", "b", {"m": 0.0, "n": 1e-9}, equal).identical  # metrics only
+    lines = reproduce.verdict_lines(Comparison("a", "b", {"m": 0.0}, unequal), 1)
+    assert lines[1] == "reproduce: differs (largest absolute difference):"
+    assert lines[2] == f"  {'weights (sha256)':<34} 111111111111 vs 222222222222"
+
+
+class HandMadeStore:
+    """The store's one method ``compare`` reads: each run's per-epoch history of a metric."""
+
+    def __init__(self, histories: dict[str, dict[str, list[float]]]):
+        self.histories = histories
+
+    def get_metric_history(self, run_id: str, key: str):
+        values = self.histories[run_id].get(key, [])
+        return [SimpleNamespace(step=step, value=v) for step, v in enumerate(values, 1)]
+
+
+def hand_made_run(run_id: str, metrics: dict[str, float]) -> SimpleNamespace:
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(metrics=metrics, tags={})
+    )
+
+
+def test_a_metric_one_run_lacks_is_a_difference_named_missing(monkeypatch):
+    from vaelab.history import METRICS
+
+    epochs = {key: [2.0, 1.0] for key in METRICS}
+    partial = {key: v for key, v in epochs.items() if key != "epoch/test/neg_elbo"}
+    evaluated = {"eval/test/neg_elbo": 90.5, "eval/test_iw/nll": 88.25}
+    cases = [  # (original's, reproduction's) histories and evaluation metrics; what is missing
+        ((epochs, evaluated), (epochs, {"eval/test/neg_elbo": 90.5}), "eval/test_iw/nll"),
+        ((epochs, {"eval/test/neg_elbo": 90.5}), (epochs, evaluated), "eval/test_iw/nll"),
+        ((epochs, evaluated), (partial, evaluated), "epoch/test/neg_elbo"),
+        ((partial, evaluated), (epochs, evaluated), "epoch/test/neg_elbo"),
+    ]
+    weights = ("1" * 64, "1" * 64)
+    for (a_epochs, a_eval), (b_epochs, b_eval), lacking in cases:
+        store = HandMadeStore({"a": a_epochs, "b": b_epochs})
+        monkeypatch.setattr(reproduction, "client", lambda store=store: store)
+        compared = reproduction.compare(
+            hand_made_run("a", a_eval), hand_made_run("b", b_eval), weights, {}
+        )
+        assert compared.metrics[lacking] == math.inf
+        assert {k for k, v in compared.metrics.items() if v != 0} == {lacking}
+        assert compared.verdict == "differs"
+        assert f"  {lacking:<34} missing" in reproduce.verdict_lines(compared, 1)
+    # The control: the same metrics on both sides, all equal.
+    store = HandMadeStore({"a": epochs, "b": epochs})
+    monkeypatch.setattr(reproduction, "client", lambda: store)
+    same = reproduction.compare(
+        hand_made_run("a", evaluated), hand_made_run("b", dict(evaluated)), weights, {}
+    )
+    assert same.identical and set(same.metrics.values()) == {0.0}
