@@ -13,8 +13,10 @@ writes:
 - ``<figures>/comparison_curves.png``: per-epoch test negative ELBO of every run;
 - ``<figures>/comparison_<param>.png``: ``--metric`` against each varying numeric param;
 - ``<figures>/comparison_latents.png``: the runs' latent scatters side by side;
-and logs them all to a run named "comparison" (tag ``vaelab.kind = comparison``) so they open
-from the MLflow UI. Params and metrics come from the runs themselves, not from a list here.
+and logs them all so they open from the MLflow UI: into a sweep's parent run when the runs are
+exactly its children (all of them, in any status; a parent that ended FAILED or KILLED is left as
+it is), else into a run named "comparison" (tag ``vaelab.kind = comparison``). Params and metrics
+come from the runs themselves, not from a list here.
 """
 
 from __future__ import annotations
@@ -308,12 +310,14 @@ def compare(
     files.append(figures / "comparison_latents.png")
     plot_latents(table, varying, files[-1])
     if log:
-        # One sweep's children, all of them: the report goes into their parent run.
-        column = runs.get("tags.mlflow.parentRunId")
-        one_parent = column is not None and column.notna().all() and column.nunique() == 1
-        parent = str(column.iloc[0]) if one_parent else None
-        run_id = log_comparison(experiment, files, list(table["run_id"]), parent)
+        # Each run's parent: the report goes into a sweep's parent run when the runs are all
+        # of its children (vaelab.tracking.comparison checks that against MLflow).
+        column = runs.get("tags.mlflow.parentRunId", pd.Series(None, index=runs.index))
+        parents = [p if isinstance(p, str) and p else None for p in column]
+        run_id, why = log_comparison(experiment, files, list(table["run_id"]), parents)
         print(f"compare: logged to MLflow run {run_id} (artifacts under comparison/)")
+        if why:
+            print(f"compare: a run of its own, not the sweep's parent: {why}")
     print(f"compare: {len(table)} runs -> {report}, {csv_path}, figures in {figures}")
     return files
 
