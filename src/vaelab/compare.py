@@ -172,6 +172,22 @@ def _label(row: pd.Series, params: list[str]) -> str:
     return f"{name} ({values})" if values else name
 
 
+def config_curves(
+    table: pd.DataFrame, grouped: pd.DataFrame, histories: dict[str, list[tuple[int, float]]]
+) -> dict[str, pd.DataFrame]:
+    """Each configuration of ``grouped`` (its runs: the rows of ``table`` with its ``config``)
+    as a frame indexed by epoch, columns ``mean``, ``min`` and ``max`` of its runs' values in
+    ``histories`` ({run id: [(epoch, value)]}); an epoch some runs lack is over the others."""
+    curves = {}
+    for key in grouped["config"]:
+        ids = table.loc[table["config"] == key, "run_id"]
+        values = pd.DataFrame({i: dict(histories[i]) for i in ids}, dtype=float).sort_index()
+        curves[key] = pd.DataFrame(
+            {"mean": values.mean(axis=1), "min": values.min(axis=1), "max": values.max(axis=1)}
+        )
+    return curves
+
+
 def plot_curves(
     table: pd.DataFrame, params: list[str], path: Path, grouped: pd.DataFrame | None = None
 ) -> None:
@@ -187,15 +203,16 @@ def plot_curves(
                 curve = zip(*histories[row["run_id"]], strict=True)
                 ax.plot(*curve, marker=".", label=_label(row, params))
     else:
+        curves = config_curves(table, grouped, histories)
+        shown = [p for p in params if p in grouped.columns][:3]
         for _, config in grouped.iterrows():
-            ids = table.loc[table["config"] == config["config"], "run_id"]
-            curves = pd.DataFrame({i: dict(histories[i]) for i in ids}).sort_index()
-            shown = [p for p in params if p in grouped.columns][:3]
+            curve = curves[config["config"]]
             values = ", ".join(f"{p.split('.')[-1]}={config[p]}" for p in shown)
             label = f"{values or config['config']} ({config['runs']} runs)"
-            (line,) = ax.plot(curves.index, curves.mean(axis=1), marker=".", label=label)
-            low, high = curves.min(axis=1), curves.max(axis=1)
-            ax.fill_between(curves.index, low, high, color=line.get_color(), alpha=0.2)
+            (line,) = ax.plot(curve.index, curve["mean"], marker=".", label=label)
+            ax.fill_between(
+                curve.index, curve["min"], curve["max"], color=line.get_color(), alpha=0.2
+            )
     title = "Test negative ELBO"
     if grouped is not None:
         title += " (mean of each configuration's runs, band: their min to max)"
