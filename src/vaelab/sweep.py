@@ -280,7 +280,7 @@ def watch(queued: list[Queued], workers: subprocess.Popen, log) -> Progress:
                 f"{_duration(now - max(returned_at, progress.moved_at))} with no queue worker "
                 f"busy ({shown}) since dvc queue start returned; see why with dvc queue status "
                 f"and dvc queue logs NAME, then start the workers again with dvc queue start, "
-                f"or drop the experiments with dvc queue remove --queued. dvc queue start "
+                f"or drop every queued experiment with dvc queue remove --queued. dvc queue start "
                 f"printed:\n{_output(log)}"
             )
     return progress
