@@ -19,7 +19,7 @@ from tests.conftest import PROJECT, TINY, write_fake_mnist
 from vaelab import params as params_mod
 from vaelab.data import prepare_custom
 from vaelab.errors import VaelabError
-from vaelab.history import METRICS as HISTORY_METRICS
+from vaelab.history import metrics as history_metrics
 from vaelab.history import read as read_history
 from vaelab.training import train_model
 
@@ -98,7 +98,7 @@ def signalled_train_cmd(epoch: int, how: str, params: Path, data_dir: Path, out:
 
 
 def assert_steps_once(store: Path, run_id: str, epochs: int) -> None:
-    for key in HISTORY_METRICS:
+    for key in history_metrics("val"):
         steps = [m.step for m in client(store).get_metric_history(run_id, key)]
         assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
 
@@ -239,11 +239,10 @@ def test_a_checkpoint_that_is_not_tensors_is_refused_and_kept(tmp_path, fake_dat
 
 
 def test_divergence_stops_naming_epoch_and_step(tmp_path, fake_data_dir, tiny_params):
-    from vaelab.data import load_split
+    from vaelab.data import training_data
 
     huge = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, lr=1e30))
-    train_x, _ = load_split(fake_data_dir, train=True)
-    test_x, _ = load_split(fake_data_dir, train=False)
+    train_x, test_x = training_data(fake_data_dir, tiny_params.data.validation)
     states = []
     with pytest.raises(VaelabError, match=r"NaN or infinite at epoch 1, step 2 of 11: "):
         train_model(huge, train_x, test_x, device=torch.device("cpu"), on_state=states.append)
@@ -254,12 +253,13 @@ def test_divergence_in_the_last_step_of_an_epoch_is_caught(fake_data_dir, tiny_p
     """One batch per epoch: the only step's loss is computed before its update, so the broken
     model shows in no loss of the epoch; the epoch must still end in the divergence error, not
     in a saved model that outputs NaN."""
-    from vaelab.data import load_split
+    from vaelab.data import training_data
 
-    train_x, _ = load_split(fake_data_dir, train=True)
-    test_x, _ = load_split(fake_data_dir, train=False)
+    train_x, test_x = training_data(fake_data_dir, tiny_params.data.validation)
     one_step = dataclasses.replace(tiny_params.train, lr=1e30, batch_size=len(train_x), epochs=1)
-    with pytest.raises(VaelabError, match=r"test ELBO became NaN or infinite after epoch 1: "):
+    with pytest.raises(
+        VaelabError, match=r"validation ELBO became NaN or infinite after epoch 1: "
+    ):
         train_model(
             dataclasses.replace(tiny_params, train=one_step),
             train_x,
@@ -419,7 +419,7 @@ def _another_value(value):
         return [_another_value(value[0]), *value[1:]]
     return {"none": "dynamic", "bernoulli": "gaussian", "elbo": "iwae", "constant": "burda"}.get(
         value,
-        {"mlp": "conv", "relu": "tanh", "zero": "data_mean", "cpu": "auto"}.get(
+        {"mlp": "conv", "relu": "tanh", "zero": "data_mean", "cpu": "auto", "last": "best"}.get(
             value, f"{value}-other"
         ),
     )

@@ -32,6 +32,9 @@ from vaelab.tracking.tags import (
 # earlier epochs ran: "until epoch 1: world_size=2; until epoch 3: device=cuda:0".
 EARLIER_TAG = "vaelab.earlier_environment"
 
+STOP_TAG = "vaelab.stopped"  # why training ended
+KEPT_TAG = "vaelab.kept"  # last | best: which epoch's weights are the model (train.keep)
+
 
 def metric_batch(values: dict[str, float], step: int, model_id: str | None = None):
     """MLflow metrics at ``step``; with ``model_id`` they are also the logged model's."""
@@ -61,6 +64,15 @@ class TrainingRun:
         values = {k: v for k, v in row.items() if k in HISTORY_METRICS}
         tags = [RunTag(tag, str(int(row[k]))) for k, tag in HISTORY_COUNT_TAGS.items() if k in row]
         self.client.log_batch(self.run_id, metrics=metric_batch(values, epoch), tags=tags)
+
+    def log_stop(self, reason: str, keep: str) -> None:
+        """Why training ended (``STOP_TAG``: train.epochs reached, or early stopping with the
+        best epoch) and which epoch's weights the model holds (``train.keep``)."""
+        from mlflow.entities import RunTag
+
+        stop = {STOP_TAG: reason, KEPT_TAG: keep}
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in stop.items()])
+        self.tags |= stop  # the run info carries them to a run record rebuilds
 
 
 def _resumable(client, run_id: str | None, experiment_id: str):
@@ -103,7 +115,9 @@ def create_run(client, experiment_id: str, params: Params, checksums: dict, tags
     tags |= code.tags() if code else UNKNOWN
     run_name = os.environ.get("DVC_EXP_NAME") or None
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
+    client.log_inputs(
+        run_id, datasets=dataset_inputs(checksums, params.data.binarize, params.data.validation)
+    )
     log_uncommitted(client, run_id, code)
     return run_id
 
