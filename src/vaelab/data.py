@@ -356,10 +356,31 @@ def load_split(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+def hold_out(
+    images: torch.Tensor, labels: torch.Tensor, validation: int, data_dir: Path | None = None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The training file's images and labels split into (training, validation): the validation
+    split is its LAST ``validation`` images (``data.validation``; the canonical MNIST split keeps
+    images 50000-59999 for choosing hyper-parameters), the same for every seed and configuration.
+    0: everything is training and the validation split is empty. Refused when fewer than one
+    training image would be left."""
+    n = len(images)
+    if validation >= n:
+        where = f" in {data_dir}" if data_dir is not None else ""
+        raise VaelabError(
+            f"params.yaml: 'data.validation' is {validation}, but the training file{where} has "
+            f"{n} images: nothing would be left to train on. Hold out fewer (e.g. "
+            f"data.validation: {n // 6}), or 0 to train on all {n}."
+        )
+    cut = n - validation
+    return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+
+
 # ----------------------------------------------------------------------------- binarisation
 
-# Fixed seeds, not train.seed: every configuration is evaluated on the very same binary test set.
-FIXED_BINARIZATION_SEEDS = {"train": 1, "test": 2}
+# Fixed seeds, not train.seed: every configuration is evaluated on the very same binary test and
+# validation sets.
+FIXED_BINARIZATION_SEEDS = {"train": 1, "test": 2, "val": 3}
 
 
 def binarize_fixed(images: torch.Tensor, split: str) -> torch.Tensor:

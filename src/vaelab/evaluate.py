@@ -1,10 +1,14 @@
 """Stage ``evaluate``: what the model is worth on held-out data -> metrics.json.
 
-- negative ELBO, recon and KL on the test and training sets (the loss's own convention);
-- importance-weighted NLL of the test set (Burda et al. 2016) with its standard error, beside the
-  ELBO of the same samples' convention, so the gap is visible;
-- active units, and a linear probe (logistic regression) from latent means to the digit;
-- the test negative ELBO per digit.
+On each held-out split, the validation split (``data.validation`` > 0; its sections ``val*``,
+the numbers to choose with) and the test set (``test*`` and ``latent``, reported and never chosen
+on: docs/comparing.md, "How vaelab chooses"):
+- negative ELBO, recon and KL (the loss's own convention), and per digit;
+- importance-weighted NLL (Burda et al. 2016) with its standard error, beside the ELBO of the
+  same samples' convention, so the gap is visible;
+- active units, and the accuracy of a linear probe (logistic regression, fit on the training
+  images) from latent means to the digit.
+And the negative ELBO of the training images (the validation ones are not among them).
 
     python -m vaelab.evaluate --params params.yaml --data-dir data/MNIST --model models/vae.pt \
         --history reports/train_history.csv --metrics reports/metrics.json
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +29,7 @@ from tqdm import tqdm
 from vaelab import device as device_mod
 from vaelab import history as history_mod
 from vaelab import params as params_mod
-from vaelab.data import evaluation_images, load_split
+from vaelab.data import evaluation_images, hold_out, load_split
 from vaelab.errors import run_stage
 from vaelab.files import atomic_write_bytes
 from vaelab.model import (
@@ -54,6 +60,7 @@ def importance_weighted_nll(
     generator: torch.Generator,
     terms: ElboTerms | None = None,
     batch_size: int = 100,
+    label: str = "test",
 ) -> dict[str, float]:
     """-log p(x) by importance sampling with K = ``samples``, in nats per image, with its standard
     error over images; plus the negative ELBO in the same convention (the Gaussian's constant
@@ -66,7 +73,11 @@ def importance_weighted_nll(
     log_px = []
     # On a terminal only, as training's bar: about a minute at K = 1000, far more at K = 5000.
     bar = tqdm(
-        total=len(images), desc=f"IW-NLL, K={samples}", unit="image", leave=False, disable=None
+        total=len(images),
+        desc=f"{label} IW-NLL, K={samples}",
+        unit="image",
+        leave=False,
+        disable=None,
     )
     for start in range(0, len(images), batch_size):
         x = images_to_float(images[start : start + batch_size])
@@ -106,21 +117,18 @@ def active_units(means: torch.Tensor) -> int:
     return int((means.double().var(dim=0, unbiased=False) > ACTIVE_UNIT_THRESHOLD).sum())
 
 
-def probe_accuracy(
-    train_means: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_means: torch.Tensor,
-    test_labels: torch.Tensor,
-) -> float:
-    """Test accuracy of a multinomial logistic regression from latent means to the digit, fit
-    on the training set (L-BFGS, full batch, standardised features, small L2)."""
+def fit_probe(
+    train_means: torch.Tensor, train_labels: torch.Tensor, classes: int = 10
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A multinomial logistic regression from latent means to the digit, fit on the training
+    set (L-BFGS, full batch, standardised features, small L2); returns means -> predicted labels.
+    """
     # Arithmetic outside inference mode turns the (inference-mode) means into normal tensors,
     # which autograd accepts.
     centre, scale = train_means.mean(0), train_means.std(0).clamp_min(1e-6)
     train_x = ((train_means - centre) / scale).double().cpu()
-    test_x = ((test_means - centre) / scale).double().cpu()
-    train_y, test_y = train_labels.cpu(), test_labels.cpu()
-    classes = int(max(train_y.max(), test_y.max())) + 1
+    train_y = train_labels.cpu()
+    classes = max(classes, int(train_y.max()) + 1)
     weight = torch.zeros(train_x.shape[1], classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
@@ -133,9 +141,24 @@ def probe_accuracy(
         return loss
 
     optimizer.step(closure)
-    with torch.no_grad():
-        predicted = (test_x @ weight + bias).argmax(1)
-    return (predicted == test_y).double().mean().item()
+
+    def predict(means: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return ((((means - centre) / scale).double().cpu()) @ weight + bias).argmax(1)
+
+    return predict
+
+
+def probe_accuracy(
+    train_means: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_means: torch.Tensor,
+    test_labels: torch.Tensor,
+) -> float:
+    """Accuracy on ``test_*`` of the probe ``fit_probe`` fits on ``train_*``."""
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    predicted = fit_probe(train_means, train_labels, classes)(test_means)
+    return (predicted == test_labels.cpu()).double().mean().item()
 
 
 def per_class_neg_elbo(terms: ElboTerms, labels: torch.Tensor) -> dict[str, float]:
@@ -153,55 +176,98 @@ def metric_generator(seed: int, metric: str, device: torch.device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
+@dataclass(frozen=True)
+class Split:
+    """A labelled set of images: uint8 (N, 28, 28) and labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def heldout_metrics(
+    model: VAE,
+    params: Params,
+    split: Split,
+    name: str,
+    probe: Callable[[torch.Tensor], torch.Tensor],
+) -> dict:
+    """One held-out split's sections of metrics.json, ``name`` = "test" or "val": ``<name>``
+    (ELBO), ``<name>_iw`` (IW-NLL), ``<name>_latent`` (active units, probe accuracy) and
+    ``<name>_per_digit``. The split's per-image ELBO terms are drawn once and serve its ELBO, the
+    per-digit values and the IW estimate's ELBO, so those agree exactly."""
+    device = next(model.parameters()).device
+    likelihood, seed = params.loss.likelihood, params.evaluate.seed
+    images = split.images.to(device)
+    terms = per_image_terms(model, images, likelihood, metric_generator(seed, name, device))
+    means = latent_means(model, images)
+    return {
+        name: elbo_means(terms),
+        f"{name}_iw": importance_weighted_nll(
+            model,
+            images,
+            likelihood=likelihood,
+            samples=params.evaluate.iw_samples,
+            generator=metric_generator(seed, f"{name}_iw", device),
+            terms=terms,
+            label=name,
+        ),
+        f"{name}_latent": {
+            "dims": model.latent_dims,
+            "active_units": active_units(means),
+            "probe_accuracy": (probe(means) == split.labels.cpu()).double().mean().item(),
+        },
+        f"{name}_per_digit": per_class_neg_elbo(terms, split.labels),
+    }
+
+
 def evaluate(
     model: VAE,
     params: Params,
     *,
-    train_images: torch.Tensor,
-    test_images: torch.Tensor,
+    train: Split,
+    test: Split,
     history: list[dict[str, float]],
-    train_labels: torch.Tensor,
-    test_labels: torch.Tensor,
+    validation: Split | None = None,
 ) -> dict:
-    """Metrics in nats per image under the model's own likelihood (see the module docstring).
+    """Metrics in nats per image under the model's own likelihood (see the module docstring):
+    every held-out metric on the test set and, with a validation split, on it too (``val*``
+    sections, the ones to choose with; the test set's are reported, not chosen on).
 
-    The test set's per-image ELBO terms are drawn once and serve the test ELBO, the per-digit
-    values and the IW estimate's ELBO, so those agree exactly."""
+    ``train``: the images trained on (the validation images are not among them)."""
     device = next(model.parameters()).device
     likelihood, seed = params.loss.likelihood, params.evaluate.seed
     last = history[-1]
-    train_images, test_images = train_images.to(device), test_images.to(device)
-    test_terms = per_image_terms(
-        model, test_images, likelihood, metric_generator(seed, "test", device)
-    )
-    test_means = latent_means(model, test_images)
-    return {
-        "test": elbo_means(test_terms),
+    train_images = train.images.to(device)
+    probe = fit_probe(latent_means(model, train_images), train.labels)
+    metrics = {
         # The final model on the whole training set, for the generalisation gap ...
         "train": dataset_elbo(
             model, train_images, likelihood, metric_generator(seed, "train", device)
         ),
         # ... and the running average over the last training epoch, as the history logs it.
         "train_last_epoch": {k: last[f"epoch/train/{k}"] for k in ("neg_elbo", "recon", "kl")},
-        "test_iw": importance_weighted_nll(
-            model,
-            test_images,
-            likelihood=likelihood,
-            samples=params.evaluate.iw_samples,
-            generator=metric_generator(seed, "test_iw", device),
-            terms=test_terms,
-        ),
-        "latent": {
-            "dims": model.latent_dims,
-            "active_units": active_units(test_means),
-            "probe_accuracy": probe_accuracy(
-                latent_means(model, train_images), train_labels, test_means, test_labels
-            ),
-        },
-        "test_per_digit": per_class_neg_elbo(test_terms, test_labels),
-        "epochs": int(last["epoch"]),
-        "images": {"train": len(train_images), "test": len(test_images)},
     }
+    if validation is not None:
+        metrics |= heldout_metrics(model, params, validation, "val", probe)
+    metrics |= heldout_metrics(model, params, test, "test", probe)
+    # The test set's latent section keeps its first name, "latent" (eval/latent/*).
+    metrics["latent"] = metrics.pop("test_latent")
+    if validation is not None:
+        del metrics["val_latent"]["dims"]  # the model's, said once under "latent"
+    metrics["epochs"] = int(last["epoch"])
+    # Which epoch's weights were evaluated: the best one with train.keep: best.
+    metrics["model_epoch"] = model_epoch(history, params.train.keep)
+    metrics["images"] = {"train": len(train.images), "test": len(test.images)}
+    if validation is not None:
+        metrics["images"]["val"] = len(validation.images)
+    return metrics
+
+
+def model_epoch(history: list[dict[str, float]], keep: str) -> int:
+    """The epoch whose weights the model holds: the history's best epoch with ``keep`` best,
+    else its last."""
+    last = history[-1]
+    return int(last["train.best_epoch"]) if keep == "best" else int(last["epoch"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,29 +282,33 @@ def main(argv: list[str] | None = None) -> None:
     params = params_mod.load(args.params)
     device = device_mod.resolve(params.train.device)
     model = load(args.model, map_location=device)
-    train_images, train_labels = load_split(args.data_dir, train=True)
-    test_images, test_labels = load_split(args.data_dir, train=False)
-    train_images = evaluation_images(train_images, params.data.binarize, "train")
-    test_images = evaluation_images(test_images, params.data.binarize, "test")
-    history = history_mod.read(args.history)
+    binarize = params.data.binarize
+    train_file = load_split(args.data_dir, train=True)
+    train, held_out = hold_out(*train_file, params.data.validation, args.data_dir)
+    test = load_split(args.data_dir, train=False)
+    validation = None
+    if params.data.validation:
+        validation = Split(evaluation_images(held_out[0], binarize, "val"), held_out[1])
     metrics = evaluate(
         model,
         params,
-        train_images=train_images,
-        test_images=test_images,
-        history=history,
-        train_labels=train_labels,
-        test_labels=test_labels,
+        train=Split(evaluation_images(train[0], binarize, "train"), train[1]),
+        test=Split(evaluation_images(test[0], binarize, "test"), test[1]),
+        history=history_mod.read(args.history),
+        validation=validation,
     )
     atomic_write_bytes(args.metrics, (json.dumps(metrics, indent=2) + "\n").encode())
-    iw, latent = metrics["test_iw"], metrics["latent"]
-    print(
-        f"evaluate: test -ELBO {metrics['test']['neg_elbo']:.3f} nats/image "
-        f"(recon {metrics['test']['recon']:.3f}, KL {metrics['test']['kl']:.3f}); "
-        f"IW-NLL (K={iw['samples']}) {iw['nll']:.2f} +- {iw['nll_stderr']:.2f} vs -ELBO "
-        f"{iw['neg_elbo']:.2f}; {latent['active_units']}/{latent['dims']} active units; "
-        f"probe accuracy {latent['probe_accuracy']:.3f} -> {args.metrics}"
-    )
+    for name in ("val", "test") if validation is not None else ("test",):
+        iw = metrics[f"{name}_iw"]
+        latent = metrics["latent" if name == "test" else "val_latent"]
+        print(
+            f"evaluate: {name} -ELBO {metrics[name]['neg_elbo']:.3f} nats/image "
+            f"(recon {metrics[name]['recon']:.3f}, KL {metrics[name]['kl']:.3f}); "
+            f"IW-NLL (K={iw['samples']}) {iw['nll']:.2f} +- {iw['nll_stderr']:.2f} vs -ELBO "
+            f"{iw['neg_elbo']:.2f}; {latent['active_units']}/{model.latent_dims} active units; "
+            f"probe accuracy {latent['probe_accuracy']:.3f}"
+        )
+    print(f"evaluate: -> {args.metrics}")
 
 
 if __name__ == "__main__":

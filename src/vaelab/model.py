@@ -170,16 +170,16 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
 
 
 def reconstruction_nll(x: torch.Tensor, logits: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """-log p(x|z) per image in nats, (B, 1, 28, 28) -> (B,).
+    """-log p(x|z) per image in nats, (..., 1, 28, 28) -> (...), e.g. (B, 1, 28, 28) -> (B,).
 
     gaussian: unit-variance Gaussian around sigmoid(logits), 0.5 * SSE (the tutorial's loss; the
     constant 784 * 0.5 * log(2 pi) is left out). bernoulli: binary cross-entropy on the logits.
     """
     if likelihood == "gaussian":
-        return 0.5 * (x - torch.sigmoid(logits)).pow(2).flatten(start_dim=1).sum(dim=1)
+        return 0.5 * (x - torch.sigmoid(logits)).pow(2).flatten(start_dim=-3).sum(dim=-1)
     if likelihood == "bernoulli":
         bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-        return bce.flatten(start_dim=1).sum(dim=1)
+        return bce.flatten(start_dim=-3).sum(dim=-1)
     raise ValueError(f"unknown likelihood {likelihood!r}")
 
 
@@ -344,9 +344,11 @@ def log_px_given_z_fn(
     def log_px_given_z(z: torch.Tensor) -> torch.Tensor:
         samples, batch = z.shape[:2]
         logits = model.decode(z.reshape(samples * batch, -1))  # (S*B, 1, 28, 28)
-        targets = x.expand(samples, *x.shape).reshape(samples * batch, *x.shape[1:])
-        nll = reconstruction_nll(targets, logits, likelihood) + constant
-        return -nll.view(samples, batch)
+        # The images as a view (S, B, 1, 28, 28), not S copies: at K = 1000 copying them cost
+        # about as much time as the likelihood itself.
+        targets = x.expand(samples, *x.shape)
+        nll = reconstruction_nll(targets, logits.view(samples, *x.shape), likelihood)
+        return -(nll + constant)  # (S, B)
 
     return log_px_given_z
 

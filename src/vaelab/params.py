@@ -29,6 +29,7 @@ Activation = Literal["relu", "tanh"]
 OutputBias = Literal["zero", "data_mean"]
 Objective = Literal["elbo", "iwae"]
 LrSchedule = Literal["constant", "burda"]
+Keep = Literal["last", "best"]
 
 
 # The sections of params.yaml with their defaults. What each key means is documented once, in
@@ -39,6 +40,7 @@ LrSchedule = Literal["constant", "burda"]
 class DataParams:
     source: DataSource = "mnist"
     binarize: Binarize = "none"
+    validation: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class TrainParams:
     kl_warmup_epochs: int = 0
     nproc: int = 1
     max_restarts: int = 3
+    patience: int = 0
+    keep: Keep = "last"
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,11 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "train.nproc": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024 (1 = no DDP)"),
     "train.max_restarts": (lambda v: 0 <= v <= 100, "an integer from 0 to 100 (0 = never)"),
+    "train.patience": (lambda v: v >= 0, "an integer >= 0 (0 = no early stopping)"),
+    "data.validation": (
+        lambda v: v >= 0,
+        "an integer >= 0: the last N training images held out (0 = none)",
+    ),
     "train.lr": (lambda v: v > 0, "a number > 0"),
     "train.adam_betas": (
         lambda v: all(0 <= b < 1 for b in v),
@@ -274,7 +283,24 @@ def parse(raw: Any, path: Path = Path("params.yaml")) -> Params:
         )
     if params.loss.objective == "iwae":
         _check_iwae(params, path)
+    _check_validation_use(params, path)
     return params
+
+
+def _check_validation_use(params: Params, path: Path) -> None:
+    """Early stopping and keeping the best epoch choose on the validation split: without one
+    they would choose on the test set (or on nothing)."""
+    uses = {
+        "train.patience": (params.train.patience, 0),
+        "train.keep": (params.train.keep, "last"),
+    }
+    for key, (value, neutral) in uses.items():
+        if params.data.validation == 0 and value != neutral:
+            raise VaelabError(
+                f"{path}: '{key}' is {value!r} but 'data.validation' is 0: it chooses on the "
+                "validation split, and there is none. Hold images out (data.validation: 10000, "
+                f"the canonical 50k/10k split), or set {key}: {neutral!r}."
+            )
 
 
 def _check_iwae(params: Params, path: Path) -> None:

@@ -21,6 +21,7 @@ from vaelab import params as params_mod
 from vaelab.data import evaluation_images, load_split
 from vaelab.errors import run_stage
 from vaelab.explorer import write_explorer
+from vaelab.history import heldout_split
 from vaelab.model import VAE, images_to_float, load
 from vaelab.params import PlotParams
 
@@ -56,7 +57,11 @@ def loss_curve(history: list[dict[str, float]], likelihood: str, path: Path, plt
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["epoch/train/neg_elbo"] for r in history], "o-", label="train (epoch mean)")
-    ax.plot(epochs, [r["epoch/test/neg_elbo"] for r in history], "s-", label="test")
+    split = heldout_split(history)  # the validation split, else the test set
+    label = {"val": "validation", "test": "test"}[split]
+    ax.plot(epochs, [r[f"epoch/{split}/neg_elbo"] for r in history], "s-", label=label)
+    if "train.best_epoch" in history[-1]:  # the epoch of the lowest validation -ELBO
+        ax.axvline(history[-1]["train.best_epoch"], color="grey", linestyle=":", label="best")
     note = ", without the constant 720.4" if likelihood == "gaussian" else ""
     ax.set(
         xlabel="epoch",

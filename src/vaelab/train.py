@@ -20,13 +20,13 @@ import torch
 from vaelab import checkpoints, distributed, history
 from vaelab import device as device_mod
 from vaelab import params as params_mod
-from vaelab.data import CHECKSUMS_FILE, load_split
+from vaelab.data import CHECKSUMS_FILE, hold_out, load_split
 from vaelab.errors import VaelabError, run_stage
 from vaelab.files import atomic_write_bytes
 from vaelab.model import VAE, save
 from vaelab.params import Params
 from vaelab.tracking.run import training_run
-from vaelab.training import check_batch_size, train_model
+from vaelab.training import check_batch_size, stop_reason, train_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,11 +65,21 @@ def train_stage(
     stop: distributed.StopFlag,
 ) -> None:
     """Load the data, join the DDP group if there is one, agree on the checkpoint to resume
-    from, train (rank 0 also writes checkpoints and records)."""
+    from, train (rank 0 also writes checkpoints and records).
+
+    The held-out images: the validation split (the training file's last ``data.validation``
+    images, never trained on); the test set only without one (``data.validation: 0``), so that
+    with a validation split nothing this stage does can look at the test images."""
     device = device_mod.resolve(params.train.device)
-    train_images, _ = load_split(args.data_dir, train=True)
-    test_images, _ = load_split(args.data_dir, train=False)
-    check_batch_size(params.train.batch_size, len(train_images))  # before touching the store
+    validation = params.data.validation
+    train_images, train_labels = load_split(args.data_dir, train=True)
+    (train_images, _), (heldout_images, _) = hold_out(
+        train_images, train_labels, validation, args.data_dir
+    )
+    if not validation:
+        heldout_images, _ = load_split(args.data_dir, train=False)
+    # before touching the store
+    check_batch_size(params.train.batch_size, len(train_images), validation)
     if world.size > 1:
         if params.train.batch_size % world.size:  # torchrun started by hand: nproc not used
             raise VaelabError(
@@ -88,7 +98,7 @@ def train_stage(
         )
         resume = resume_from(checkpoint, world)
         if world.is_main:
-            images = (train_images, test_images)
+            images = (train_images, heldout_images)
             train_and_record(
                 args,
                 params,
@@ -104,7 +114,7 @@ def train_stage(
             train_model(
                 params,
                 train_images,
-                test_images,
+                heldout_images,
                 device=device,
                 resume=resume,
                 stop_requested=stop.is_set,
@@ -128,9 +138,11 @@ def train_and_record(
 ) -> None:
     """Rank 0's part (the only part without DDP): train from ``resume`` (or from scratch),
     write a checkpoint after every epoch, log to MLflow, write the model, history and run info.
-    ``images``: (train, test)."""
+    ``images``: (train, held out: validation, else test)."""
     ddp = f", {world.size} DDP processes" if world.size > 1 else ""
-    print(f"train: {len(images[0])} images on {device}, {params.train.epochs} epochs{ddp}")
+    held = params.data.validation
+    split = f" ({held} held out for validation)" if held else " (no validation split)"
+    print(f"train: {len(images[0])} images{split} on {device}, {params.train.epochs} epochs{ddp}")
     rows: list[dict[str, float]] = list(resume["history"]) if resume else []
     try:
         with training_run(
@@ -159,6 +171,9 @@ def train_and_record(
                 stop_requested=stop.is_set,
                 world=world,
             )
+            reason = stop_reason(rows, params)
+            run.log_stop(reason, params.train.keep)
+            print(f"train: {reason}")
             write_outputs(args, model, rows, run.info(params.mlflow.experiment))
     except KeyboardInterrupt:
         raise VaelabError(

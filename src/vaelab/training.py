@@ -1,6 +1,11 @@
 """The training loop: ``train_model`` and the pieces it is made of (the training state with its
 snapshot and restore, one epoch's pass, the test pass, the history row).
 
+The held-out pass after every epoch runs on the validation split (``data.validation`` > 0:
+the last N training images, which the caller keeps out of ``train_images``) and drives early
+stopping (``train.patience``) and the kept epoch (``train.keep``); without a validation split it
+runs on the test set, as the tutorial's loop does, and chooses nothing.
+
 Pure training: no files, no MLflow. The train stage (``vaelab.train``) hands in callbacks that
 write checkpoints and log epochs; the benchmark (``vaelab.bench``) runs the same loop.
 
@@ -32,11 +37,17 @@ from vaelab.optim import TrainStep, adam, kl_weights, learning_rate, make_train_
 from vaelab.params import Params
 
 
-def check_batch_size(batch_size: int, n_images: int) -> None:
+def check_batch_size(batch_size: int, n_images: int, validation: int = 0) -> None:
     if batch_size > n_images:
+        held = (
+            f" after the {validation} validation images (data.validation) are held out"
+            if validation
+            else ""
+        )
         raise VaelabError(
             f"params.yaml: 'train.batch_size' is {batch_size}, larger than the training set "
-            f"({n_images} images). Choose a batch size <= {n_images}."
+            f"({n_images} images{held}). Choose a batch size <= {n_images}"
+            + (", or hold out fewer images." if validation else ".")
         )
 
 
@@ -68,6 +79,8 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     order: torch.Generator  # the batch order's own stream
     history: list[dict[str, float]]
+    # train.keep: best: the best epoch's weights so far (a copy, on the device), else None.
+    best_weights: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def create(cls, params: Params, device: torch.device) -> TrainingState:
@@ -86,6 +99,7 @@ class TrainingState:
             "rng_cpu": torch.get_rng_state(),
             "rng_order": self.order.get_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "best_weights": self.best_weights,
         }
 
     def restore(self, saved: dict) -> None:
@@ -96,6 +110,13 @@ class TrainingState:
         self.order.set_state(saved["rng_order"])
         if self.order.device.type == "cuda" and saved.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(saved["rng_cuda"], self.order.device)
+        best = saved.get("best_weights")
+        device = self.order.device
+        self.best_weights = None if best is None else {k: v.to(device) for k, v in best.items()}
+
+    def keep_best(self) -> None:
+        """Remember the model's weights as the best epoch's (train.keep: best)."""
+        self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -240,40 +261,48 @@ def gather_epoch(
     return EpochResult(loss, recon, kl, int(first_bad_step), int(images))
 
 
-def test_pass(
-    model: VAE, test_images: torch.Tensor, *, params: Params, epoch: int
+def heldout_split(params: Params) -> str:
+    """The split the per-epoch held-out pass runs on: "val" with a validation split, else
+    "test" (data.validation: 0)."""
+    return "val" if params.data.validation > 0 else "test"
+
+
+def heldout_pass(
+    model: VAE, images: torch.Tensor, *, params: Params, epoch: int
 ) -> dict[str, float]:
-    """The test set's ELBO after ``epoch`` (nats per image), with noise of its own seed, so that
-    evaluating never shifts training's RNG."""
+    """The held-out images' ELBO after ``epoch`` (nats per image), with noise of its own seed,
+    so that evaluating never shifts training's RNG."""
     seed = params.train.seed * 100_003 + epoch
-    noise = torch.Generator(device=test_images.device).manual_seed(seed)
-    return dataset_elbo(model, test_images, params.loss.likelihood, noise)
+    noise = torch.Generator(device=images.device).manual_seed(seed)
+    return dataset_elbo(model, images, params.loss.likelihood, noise)
 
 
 def check_diverged(
     result: EpochResult,
-    test: dict[str, float],
+    heldout: dict[str, float],
     *,
     epoch: int,
     plan: EpochPlan,
     lr: float,
     cfg_lr: float,
+    split: str = "test",
 ) -> None:
-    """Raise the divergence error if a step's loss was not finite, or if the test ELBO is not: a
-    step's loss is computed before its update, so an update that breaks the model in the last
-    (or only) step of an epoch shows in no loss. Rank 0 alone has ``test``; its verdict reaches
-    every rank, so all stop together."""
-    test_finite = distributed.all_true(
-        math.isfinite(test.get("neg_elbo", 0.0)), plan.world, plan.device
+    """Raise the divergence error if a step's loss was not finite, or if the held-out ELBO is
+    not: a step's loss is computed before its update, so an update that breaks the model in the
+    last (or only) step of an epoch shows in no loss. Rank 0 alone has ``heldout``; its verdict
+    reaches every rank (a MIN all-reduce: one rank's NaN is everyone's), so all stop together."""
+    heldout_finite = distributed.all_true(
+        math.isfinite(heldout.get("neg_elbo", 0.0)), plan.world, plan.device
     )
     bad_step = result.first_bad_step
-    if bad_step < 0 and math.isfinite(result.loss) and test_finite:
+    if bad_step < 0 and math.isfinite(result.loss) and heldout_finite:
         return
+    name = {"val": "validation", "test": "test"}[split]
     what = (
         f"the training loss became NaN or infinite at epoch {epoch}, step {bad_step} "
         f"of {plan.n_batches}"
         if bad_step > 0
-        else f"the test ELBO became NaN or infinite after epoch {epoch}"
+        else f"the {name} ELBO became NaN or infinite after epoch {epoch}"
     )
     kept = f"The checkpoint of epoch {epoch - 1} is kept. " if epoch > 1 else ""
     rate = f"now {lr}" if lr == cfg_lr else f"{cfg_lr}; this epoch's scheduled rate was {lr}"
@@ -284,12 +313,14 @@ def history_row(
     epoch: int,
     result: EpochResult,
     *,
-    test: dict[str, float],
+    heldout: dict[str, float],
     seconds: float,
     n_images: int,
     lr: float,
+    split: str = "test",
 ) -> dict[str, float]:
-    """The epoch's row of the history (``vaelab.history.COLUMNS``)."""
+    """The epoch's row of the history (``vaelab.history.columns(split)``) but the best-epoch
+    columns (``best_so_far``)."""
     return {
         "epoch": epoch,
         "epoch/train/loss": result.loss,
@@ -297,20 +328,56 @@ def history_row(
         "epoch/train/neg_elbo": result.recon + result.kl,
         "epoch/train/recon": result.recon,
         "epoch/train/kl": result.kl,
-        "epoch/test/neg_elbo": test["neg_elbo"],
-        "epoch/test/recon": test["recon"],
-        "epoch/test/kl": test["kl"],
+        f"epoch/{split}/neg_elbo": heldout["neg_elbo"],
+        f"epoch/{split}/recon": heldout["recon"],
+        f"epoch/{split}/kl": heldout["kl"],
         "epoch_seconds": seconds,
         "images_per_second": n_images / seconds,
         "epoch/train/images": result.images,
     }
 
 
+def best_so_far(history: list[dict[str, float]], row: dict[str, float]) -> dict[str, int]:
+    """The best-epoch columns of ``row``, the epoch after ``history``: the epoch of the lowest
+    validation -ELBO so far (an epoch must be strictly lower to become the best; a tie keeps the
+    earlier one) and how many epochs have passed since it."""
+    epoch = int(row["epoch"])
+    best_epoch = epoch
+    if history:  # rows of epochs 1, 2, ...: the best so far is row best_epoch - 1
+        previous = int(history[-1]["train.best_epoch"])
+        if not row["epoch/val/neg_elbo"] < history[previous - 1]["epoch/val/neg_elbo"]:
+            best_epoch = previous
+    return {"train.best_epoch": best_epoch, "train.epochs_since_best": epoch - best_epoch}
+
+
+def patience_ran_out(history: list[dict[str, float]], patience: int) -> bool:
+    """Whether early stopping ends training after ``history``'s last epoch: ``patience`` > 0
+    epochs have passed without a new best validation -ELBO."""
+    return patience > 0 and bool(history) and history[-1]["train.epochs_since_best"] >= patience
+
+
+def stop_reason(history: list[dict[str, float]], params: Params) -> str:
+    """Why training ended, in words (the run's ``vaelab.stopped`` tag)."""
+    stopped_early = history and int(history[-1]["epoch"]) < params.train.epochs
+    if stopped_early and patience_ran_out(history, params.train.patience):
+        last, best = int(history[-1]["epoch"]), int(history[-1]["train.best_epoch"])
+        return (
+            f"early stop after epoch {last} of {params.train.epochs}: no new best validation "
+            f"-ELBO for {params.train.patience} epochs (train.patience); the best was epoch {best}"
+        )
+    return f"train.epochs ({params.train.epochs}) reached"
+
+
 def print_epoch(row: dict[str, float], epochs: int) -> None:
+    split = "val" if "epoch/val/neg_elbo" in row else "test"
+    best = ""
+    if "train.best_epoch" in row:
+        since = int(row["train.epochs_since_best"])
+        best = "  (best)" if since == 0 else f"  (best: epoch {int(row['train.best_epoch'])})"
     print(
         f"epoch {row['epoch']:3d}/{epochs}  train -ELBO {row['epoch/train/neg_elbo']:9.3f}  "
-        f"test -ELBO {row['epoch/test/neg_elbo']:9.3f}  ({row['epoch_seconds']:.1f} s, "
-        f"{row['images_per_second']:,.0f} img/s)",
+        f"{split} -ELBO {row[f'epoch/{split}/neg_elbo']:9.3f}  ({row['epoch_seconds']:.1f} s, "
+        f"{row['images_per_second']:,.0f} img/s){best}",
         flush=True,
     )
 
@@ -338,7 +405,7 @@ def prepare(
 def train_model(
     params: Params,
     train_images: torch.Tensor,
-    test_images: torch.Tensor,
+    heldout_images: torch.Tensor,
     *,
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] = lambda row: None,
@@ -349,20 +416,32 @@ def train_model(
 ) -> tuple[VAE, list[dict[str, float]]]:
     """Train on uint8 images (N, 28, 28); return the model and one history row per epoch.
 
+    ``heldout_images``: the validation split (``data.validation`` > 0), else the test set; the
+    ELBO on them after each epoch is the history's ``epoch/val/*`` (``epoch/test/*``). With a
+    validation split, training stops early once ``train.patience`` epochs have brought no new
+    best validation -ELBO, and with ``train.keep: best`` the returned model holds the best
+    epoch's weights (else the last epoch's).
+
     After each epoch ``on_state`` gets ``TrainingState.snapshot()``, then ``on_epoch`` the row
     (rank 0 only); such a snapshot as ``resume`` continues exactly as the uninterrupted run
     would have, on every rank (all ranks hold rank 0's state: the same model, optimizer and
-    random streams), also with another number of ranks (up to the order of float sums).
+    random streams), also with another number of ranks (up to the order of float sums), and
+    stops early at the same epoch with the same best weights.
     ``stop_requested`` is polled before every step: KeyboardInterrupt between two steps.
     """
     cfg = params.train
+    split = heldout_split(params)
     state, plan, train_step = prepare(params, train_images, device=device, world=world)
     should_stop = distributed.StopAgreement(stop_requested, world)  # ranks stop at one step
-    test_images = evaluation_images(test_images, params.data.binarize, "test").to(device)
+    heldout_images = evaluation_images(heldout_images, params.data.binarize, split).to(device)
     if resume is not None:  # after the output bias: the checkpoint's weights win
         state.restore(resume)
     try:
         for epoch in range(len(state.history) + 1, cfg.epochs + 1):
+            # A resumed run whose last epoch used up the patience (all ranks restored the same
+            # history): it stops where the uninterrupted run stopped.
+            if patience_ran_out(state.history, cfg.patience):
+                break
             lr = learning_rate(cfg, epoch)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
@@ -371,21 +450,40 @@ def train_model(
                 state, plan, epoch=epoch, train_step=train_step, should_stop=should_stop
             )
             seconds = time.perf_counter() - started
-            test = {}
+            heldout = {}
             if world.is_main:  # rank 0 evaluates, logs and reports
-                test = test_pass(state.model, test_images, params=params, epoch=epoch)
-            check_diverged(result, test, epoch=epoch, plan=plan, lr=lr, cfg_lr=cfg.lr)
+                heldout = heldout_pass(state.model, heldout_images, params=params, epoch=epoch)
+            check_diverged(
+                result, heldout, epoch=epoch, plan=plan, lr=lr, cfg_lr=cfg.lr, split=split
+            )
+            go_on = True
             if world.is_main:
                 row = history_row(
-                    epoch, result, test=test, seconds=seconds, n_images=len(train_images), lr=lr
+                    epoch,
+                    result,
+                    heldout=heldout,
+                    seconds=seconds,
+                    n_images=len(train_images),
+                    lr=lr,
+                    split=split,
                 )
+                if split == "val":
+                    row |= best_so_far(state.history, row)
+                    if cfg.keep == "best" and row["train.epochs_since_best"] == 0:
+                        state.keep_best()
                 state.history.append(row)
                 on_state(state.snapshot())
                 print_epoch(row, cfg.epochs)
                 on_epoch(row)
+                go_on = not patience_ran_out(state.history, cfg.patience)
+            # Rank 0 alone has the validation curve: its decision reaches every rank (MIN).
+            if cfg.patience and not distributed.all_true(go_on, world, plan.device):
+                break
             # Under DDP the other ranks wait for rank 0's checkpoint: a rank lost in the next
             # epoch is restarted from this one.
             distributed.barrier(world)
     finally:
         should_stop.close()
+    if cfg.keep == "best" and state.best_weights is not None:
+        state.model.load_state_dict(state.best_weights)
     return state.model, state.history

@@ -21,6 +21,9 @@ from vaelab.tracking.source import UNKNOWN, log_uncommitted, uncommitted
 from vaelab.tracking.store import connect
 from vaelab.tracking.tags import context_tags, dataset_inputs, parent_tag, training_tags
 
+STOP_TAG = "vaelab.stopped"  # why training ended
+KEPT_TAG = "vaelab.kept"  # last | best: which epoch's weights are the model (train.keep)
+
 
 def metric_batch(values: dict[str, float], step: int, model_id: str | None = None):
     """MLflow metrics at ``step``; with ``model_id`` they are also the logged model's."""
@@ -50,6 +53,12 @@ class TrainingRun:
         tags = [RunTag(tag, str(int(row[k]))) for k, tag in HISTORY_COUNT_TAGS.items() if k in row]
         self.client.log_batch(self.run_id, metrics=metric_batch(values, epoch), tags=tags)
 
+    def log_stop(self, reason: str, keep: str) -> None:
+        """Why training ended (``STOP_TAG``: train.epochs reached, or early stopping with the
+        best epoch) and which epoch's weights the model holds (``train.keep``)."""
+        self.client.set_tag(self.run_id, STOP_TAG, reason)
+        self.client.set_tag(self.run_id, KEPT_TAG, keep)
+
 
 def _resumable(client, run_id: str | None, experiment_id: str):
     if not run_id:
@@ -71,7 +80,9 @@ def create_run(client, experiment_id: str, params: Params, checksums: dict, tags
     tags |= code.tags() if code else UNKNOWN
     run_name = os.environ.get("DVC_EXP_NAME") or None
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    client.log_inputs(run_id, datasets=dataset_inputs(checksums, params.data.binarize))
+    client.log_inputs(
+        run_id, datasets=dataset_inputs(checksums, params.data.binarize, params.data.validation)
+    )
     log_uncommitted(client, run_id, code)
     return run_id
 

@@ -81,31 +81,40 @@ def context_tags(
     return tags
 
 
-def dataset_inputs(checksums: dict, binarize: str):  # -> list[mlflow DatasetInput]
-    """The training and test sets as MLflow dataset inputs (contexts ``training`` and
-    ``evaluation``): named after the data source and the binarisation, with a digest of the
-    verified files' MD5s (the same bytes, the same digest) and the image count as profile."""
+def dataset_inputs(checksums: dict, binarize: str, validation: int = 0):
+    """The data sets as MLflow dataset inputs (-> list[mlflow DatasetInput]), with the contexts
+    ``training``, ``validation`` (the training file's last ``validation`` images; none when 0)
+    and ``test``: named after the data source, the rows of the file they are and the
+    binarisation, with a digest of the verified files' MD5s and the rows (the same bytes and
+    split, the same digest) and the image count as profile."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from vaelab.data import TEST_FILES, TRAIN_FILES
 
     files = checksums.get("files", {})
-    # The test set of a binarised run is one fixed, seeded binary sample (vaelab.data).
-    suffixes = {"train": f" ({binarize} binarisation)", "test": " (binarised, fixed seed)"}
+    source = checksums.get("source", "data")
+
+    def images(names: tuple[str, ...]) -> int:
+        return (files.get(names[0], {}).get("bytes", 16) - 16) // 784  # IDX: 16-byte header
+
+    n_train = images(TRAIN_FILES)
+    cut = max(n_train - validation, 0)
+    # (name, context, files, first row, end row); the held-out sets of a binarised run are one
+    # fixed, seeded binary sample each (vaelab.data).
+    splits = [("train", "training", TRAIN_FILES, 0, cut, f" ({binarize} binarisation)")]
+    if validation:
+        splits.append(("validation", "validation", TRAIN_FILES, cut, n_train, " (binarised)"))
+    splits.append(("test", "test", TEST_FILES, 0, images(TEST_FILES), " (binarised)"))
     inputs = []
-    for split, context, names in (
-        ("train", "training", TRAIN_FILES),
-        ("test", "evaluation", TEST_FILES),
-    ):
+    for split, context, names, first, end, suffix in splits:
         md5s = "".join(f"{name}:{files.get(name, {}).get('md5', '')}\n" for name in names)
-        count = (files.get(names[0], {}).get("bytes", 16) - 16) // 784  # IDX: 16-byte header
+        rows = f"[{first}:{end}]" if validation and names == TRAIN_FILES else ""
         dataset = Dataset(
-            name=f"{checksums.get('source', 'data')} {split}"
-            + (suffixes[split] if binarize != "none" else ""),
-            digest=hashlib.sha256(md5s.encode()).hexdigest()[:16],
+            name=f"{source} {split}{rows}" + (suffix if binarize != "none" else ""),
+            digest=hashlib.sha256(f"{md5s}{rows}".encode()).hexdigest()[:16],
             source_type="local",
-            source=json.dumps({"files": list(names)}),
-            profile=json.dumps({"num_rows": count}),
+            source=json.dumps({"files": list(names), "rows": [first, end]}),
+            profile=json.dumps({"num_rows": end - first}),
         )
         inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
     return inputs
