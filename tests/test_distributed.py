@@ -5,6 +5,7 @@ reduction order, with one MLflow run holding one value per epoch."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -380,6 +381,9 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path, uninterrupted, c
     run = the_run(store)
     for key in HISTORY_METRICS:
         assert [m.step for m in client(store).get_metric_history(run.info.run_id, key)] == [1, 2]
+    # Tagged where it finished; the first attempt's processes kept beside (vaelab.tracking.run).
+    assert run.data.tags["world_size"] == "1"
+    assert "world_size=2" in run.data.tags["vaelab.earlier_environment"]
 
 
 @pytest.mark.parametrize(
@@ -457,6 +461,127 @@ def test_a_diverging_run_is_not_restarted(tmp_path, uninterrupted):
     ]
     run = the_run(store)
     assert run.info.status == "FAILED" and "NaN or infinite" in run.data.tags["vaelab.error"]
+
+
+def test_each_launched_rank_gets_its_share_of_the_cores_unless_the_user_set_it(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 in every worker when --nproc_per_node > 1 and the variable
+    is unset (torch/distributed/run.py); the environment `launch` hands it says each process's
+    share instead (cores // processes, at least 1), on a simulated 16-core machine here, and
+    keeps a value the user set."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)))
+    shares = {n: distributed.launch_environment(n)["OMP_NUM_THREADS"] for n in (2, 3, 16, 32)}
+    assert shares == {2: "8", 3: "5", 16: "1", 32: "1"}
+    assert distributed.launch_environment(2).items() >= distributed.RESTARTABLE.items()
+    monkeypatch.delattr(distributed.os, "sched_getaffinity")  # macOS, Windows: os.cpu_count
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 16)
+    assert distributed.launch_environment(4)["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.launch_environment(2)["OMP_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in distributed.RESTARTABLE  # the launcher's own is untouched
+
+
+# Under torchrun: writes this rank's OMP_NUM_THREADS and torch.get_num_threads() to
+# ARGV[1]/threads.RANK.
+RANK_THREADS = """
+import os, sys
+from pathlib import Path
+import torch
+seen = f"{os.environ.get('OMP_NUM_THREADS')} {torch.get_num_threads()}"
+Path(sys.argv[1], "threads." + os.environ["RANK"]).write_text(seen)
+"""
+
+
+def test_torchrun_keeps_the_share_launch_hands_it(tmp_path, monkeypatch):
+    """What each rank sees when `launch` starts 2 processes on a simulated 16-core machine:
+    OMP_NUM_THREADS 8 (torchrun alone gives 1), and the threads torch makes of 8 in a fresh
+    process, which MKL caps at the physical cores (2 here, where torchrun's 1 gave 1). torchrun
+    runs a script in place of vaelab.train, with launch's own options."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)))
+    script = tmp_path / "threads.py"
+    script.write_text(RANK_THREADS)
+    launch_command = distributed.launch_command
+
+    def running_the_script(nproc: int, argv: list[str], max_restarts: int = 0) -> list[str]:
+        command = launch_command(nproc, argv, max_restarts)
+        module = command.index("vaelab.train")  # "-m vaelab.train" -> the script
+        return [*command[: module - 1], str(script), *command[module + 1 :]]
+
+    monkeypatch.setattr(distributed, "launch_command", running_the_script)
+    distributed.launch(2, [str(tmp_path)])
+    torch_of_8 = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        env=os.environ | {"OMP_NUM_THREADS": "8"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    seen = {p.name: p.read_text() for p in tmp_path.glob("threads.*") if p.suffix != ".py"}
+    assert seen == {"threads.0": f"8 {torch_of_8}", "threads.1": f"8 {torch_of_8}"}
+
+
+# Two gloo processes joined through a file store (no torchrun: a few seconds), each printing what
+# distributed.all_true gives for the flags of ARGV[3:] (one per rank, 1 or 0), then what
+# training.check_diverged makes of an epoch whose steps were all finite while rank 0 alone
+# evaluated the test set, to NaN: rank 1 has no test numbers, as in the training loop.
+# argv: RANK STORE-FILE FLAGS...
+TWO_RANKS_AGREE = """
+import sys
+from types import SimpleNamespace
+import torch
+import torch.distributed as dist
+from vaelab import distributed, training
+from vaelab.errors import VaelabError
+rank, store, cases = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+world = distributed.World(rank=rank, size=2, local_rank=rank, local_size=2)
+cpu = torch.device("cpu")
+for flags in cases:
+    print("all_true", flags, distributed.all_true(flags[rank] == "1", world, cpu), flush=True)
+test = {"neg_elbo": float("nan")} if rank == 0 else {}
+result = training.EpochResult(loss=100.0, recon=90.0, kl=10.0, first_bad_step=-1, images=333)
+plan = SimpleNamespace(world=world, device=cpu, n_batches=11)
+try:
+    training.check_diverged(result, test, epoch=2, plan=plan, lr=1e-3, cfg_lr=1e-3)
+    print("check_diverged passed", flush=True)
+except VaelabError as error:
+    print("check_diverged raised", error, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_nan_test_elbo_on_rank_0_stops_every_rank(tmp_path):
+    """A flag false on one rank is false on every rank (a MIN all-reduce; a SUM would call
+    1 + 0 true), so rank 0's non-finite test ELBO reaches rank 1 and both raise the divergence
+    error after the epoch (the end-to-end divergence test stops inside a step instead)."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS_AGREE)
+    cases = {"01": "False", "10": "False", "00": "False", "11": "True"}  # rank 0's flag first
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), str(tmp_path / "store"), *cases],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    try:
+        for process in ranks:
+            stdout, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr[-3000:]
+            outputs.append(stdout.splitlines())
+    finally:
+        for process in ranks:
+            process.kill()
+    for rank, lines in enumerate(outputs):
+        assert lines[: len(cases)] == [f"all_true {k} {v}" for k, v in cases.items()], rank
+        assert lines[len(cases)].startswith(
+            "check_diverged raised the test ELBO became NaN or infinite after epoch 2: training "
+            "diverged. The checkpoint of epoch 1 is kept."
+        ), (rank, lines)
 
 
 def test_torchrun_by_hand_without_its_own_stores_is_warned_about(monkeypatch):

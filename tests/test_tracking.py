@@ -19,7 +19,7 @@ from vaelab.history import METRICS as HISTORY_METRICS
 from vaelab.model import VAE, load, save
 from vaelab.tracking.models import MODEL_TAG
 from vaelab.tracking.record import FINGERPRINT_TAG, SOURCE_RUN_TAG, PipelineOutputs, record
-from vaelab.tracking.run import training_run
+from vaelab.tracking.run import EARLIER_TAG, training_run
 from vaelab.tracking.sweeps import start_sweep
 from vaelab.tracking.tags import changed_params, dataset_inputs
 
@@ -186,6 +186,72 @@ def test_a_restarted_group_without_a_checkpoint_tags_its_new_run(store, tiny_par
         ) as run:
             pass
         assert store.get_run(run.run_id).data.tags.get("vaelab.restarts") == tag
+
+
+def test_a_run_resumed_elsewhere_is_tagged_where_it_finished(store, tmp_path, tiny_params):
+    """Epoch 1 on 2 CPU processes, then (a node lost for good, train.nproc: 1) resumed in the
+    same run on one process of another device: the run's environment tags, the run info beside
+    the model, and the run `record` rebuilds (MLflow params are immutable, and train.nproc
+    changed) all say where training finished, which is what a reproduction runs on and compares
+    (vaelab.reproduce). Where the earlier epochs ran is kept beside them."""
+    import dataclasses
+
+    def nproc(n: int):
+        return dataclasses.replace(
+            tiny_params, train=dataclasses.replace(tiny_params.train, nproc=n)
+        )
+
+    with training_run(
+        nproc(2), CHECKSUMS, device="cpu", params_file=PARAMS_FILE, world_size=2
+    ) as first:
+        first.log_epoch(HISTORY[0])
+    assert store.get_run(first.run_id).data.tags["world_size"] == "2"
+    with training_run(
+        nproc(1),
+        CHECKSUMS,
+        device="cuda:0",
+        params_file=PARAMS_FILE,
+        resume_run_id=first.run_id,
+        history=HISTORY[:1],
+        world_size=1,
+    ) as resumed:
+        resumed.log_epoch(HISTORY[1])
+    assert resumed.run_id == first.run_id
+    earlier = "until epoch 1: device=cpu, world_size=2"
+    tags = store.get_run(first.run_id).data.tags
+    assert (tags["device"], tags["world_size"]) == ("cuda:0", "1")
+    assert tags.get(EARLIER_TAG) == earlier
+    info = resumed.info(tiny_params.mlflow.experiment)
+    assert (info["tags"]["device"], info["tags"]["world_size"]) == ("cuda:0", "1")
+    assert info["tags"].get(EARLIER_TAG) == earlier
+    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, first.run_id)
+    outputs.history.write_text("epoch\n1\n2\n")
+    outputs.run_info.write_text(json.dumps(info))
+    rebuilt = record(nproc(1), outputs, HISTORY)
+    assert rebuilt != first.run_id
+    tags = store.get_run(rebuilt).data.tags
+    assert (tags["device"], tags["world_size"]) == ("cuda:0", "1")
+    assert tags.get(EARLIER_TAG) == earlier
+
+
+def test_record_takes_where_training_ran_from_the_run_info_beside_the_model(
+    store, tmp_path, tiny_params
+):
+    """The run info is written with the model by the attempt that finished training; a train run
+    tagged otherwise (resumed elsewhere before its tags followed) does not override it."""
+    import dataclasses
+
+    run_id = _train_run(tiny_params)
+    store.set_tag(run_id, "world_size", "2")  # a stale tag of an earlier attempt
+    outputs = _outputs(tmp_path, tiny_params, CHECKSUMS, run_id)
+    outputs.history.write_text("epoch\n1\n")
+    tags = {"device": "cpu", "world_size": "1", "torch.threads": "3"}
+    outputs.run_info.write_text(json.dumps({"run_id": run_id, "tags": tags}))
+    changed = dataclasses.replace(
+        tiny_params, evaluate=dataclasses.replace(tiny_params.evaluate, seed=9)
+    )
+    rebuilt = store.get_run(record(changed, outputs, HISTORY)).data.tags
+    assert {k: rebuilt[k] for k in tags} == tags
 
 
 def test_training_run_is_failed_with_the_reason(store, tiny_params):

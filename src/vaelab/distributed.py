@@ -69,6 +69,31 @@ def launch_command(nproc: int, argv: list[str], max_restarts: int = 0) -> list[s
     ]
 
 
+def thread_share(local_size: int) -> int:
+    """Each of ``local_size`` processes' share of the cores this process may run on (its CPU
+    affinity where the OS tells it), at least 1: the ranks of one machine share its cores, and
+    more threads than cores only slow them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // local_size)
+
+
+def launch_environment(nproc: int) -> dict[str, str]:
+    """The environment `launch` hands torchrun: this one, a rendezvous store per attempt
+    (``RESTARTABLE``), and ``OMP_NUM_THREADS`` = each process's share of the cores unless the
+    user set it.
+
+    Why the variable: torchrun sets OMP_NUM_THREADS=1 in its own environment, which every worker
+    inherits, when ``--nproc_per_node`` > 1 and the variable is unset (torch 2.14.1,
+    torch/distributed/run.py, ``config_from_args``, line 980), so `start`, which shares the
+    cores out only when it is unset, never did: on 16 cores ``train.nproc: 2`` trained on 2. A
+    value torchrun finds it keeps; torch reads it at start-up as its intra-op thread count
+    (capped by MKL at the physical cores)."""
+    env = os.environ | RESTARTABLE
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(thread_share(nproc))
+    return env
+
+
 def start(world: World, device_type: str) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on CPU) and return this rank's device."""
     if device_type == "cuda":
@@ -81,14 +106,10 @@ def start(world: World, device_type: str) -> torch.device:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        # Under `launch` the variable is always set (launch_environment); this shares the cores
+        # out under a torchrun started by hand with one process a machine, or without torchrun.
         if "OMP_NUM_THREADS" not in os.environ:
-            # The ranks of one machine share its cores; more threads than cores only slows them.
-            cores = (
-                len(os.sched_getaffinity(0))
-                if hasattr(os, "sched_getaffinity")
-                else (os.cpu_count() or 1)
-            )
-            torch.set_num_threads(max(1, cores // world.local_size))
+            torch.set_num_threads(thread_share(world.local_size))
     if world.size > 1:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return device
@@ -283,13 +304,15 @@ class FinalStop:
 
 
 def launch(nproc: int, argv: list[str], max_restarts: int = 0) -> None:
-    """Run this train command again as ``nproc`` DDP processes under torchrun and wait; Ctrl-C
-    and SIGTERM are passed on (torchrun passes them to every rank, and does not restart after
-    them). torchrun restarts the processes up to ``max_restarts`` times when one fails."""
+    """Run this train command again as ``nproc`` DDP processes under torchrun and wait, each
+    with its share of the cores (``launch_environment``); Ctrl-C and SIGTERM are passed on
+    (torchrun passes them to every rank, and does not restart after them). torchrun restarts the
+    processes up to ``max_restarts`` times when one fails."""
     command = launch_command(nproc, argv, max_restarts)
     print(f"train: {nproc} processes: {' '.join(command[1:])}", flush=True)
     # Its own session: a terminal's Ctrl-C reaches torchrun once, through the forward below.
-    launcher = subprocess.Popen(command, start_new_session=True, env=os.environ | RESTARTABLE)
+    env = launch_environment(nproc)
+    launcher = subprocess.Popen(command, start_new_session=True, env=env)
     forwarded: list[int] = []
 
     def forward(signum: int, frame: object) -> None:

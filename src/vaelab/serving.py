@@ -13,6 +13,8 @@ Only MLflow's loader and ``vaelab.tracking.models`` import this module.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from mlflow.models import ModelSignature
@@ -28,7 +30,15 @@ class LatentMeans(PythonModel):
     def load_context(self, context) -> None:  # mlflow.pyfunc.PythonModelContext
         self.vae = load(context.artifacts["weights"])  # eval mode, on the CPU
 
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+    # The input's type hint is what MLflow 3 reads (mlflow/pyfunc/model.py,
+    # PythonModel.__init_subclass__): without one it warns "Add type hints to the `predict`
+    # method" wherever this class is defined, i.e. in every `record` and every load. np.ndarray
+    # is one of the hints it accepts without inferring a schema from them
+    # (mlflow/types/type_hints.py, type_hints_no_signature_inference): the explicit tensor
+    # signature below stays the model's, and MLflow wraps predict without validating the hint.
+    def predict(
+        self, context, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         pixels = np.asarray(model_input, dtype=np.float32)
         # (N, 784), as the signature says; MLflow refuses other shapes before predict.
         x = torch.from_numpy(pixels).reshape(-1, 1, 28, 28)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vaelab.params import Params, flatten
 from vaelab.tracking.models import log_model
-from vaelab.tracking.run import TrainingRun, create_run, metric_batch
+from vaelab.tracking.run import EARLIER_TAG, TrainingRun, create_run, metric_batch
 from vaelab.tracking.store import connect
 from vaelab.tracking.tags import TRAINING_TAGS, context_tags
 
@@ -157,12 +157,15 @@ def _rebuild(
     MLflow params are immutable). An unfinished train run is marked superseded."""
     from mlflow.entities import Param
 
-    # Where training ran: from the train run, else (another store: a pulled DVC experiment)
-    # from the run info the train stage wrote beside the model.
+    # Where training ran: from the run info the train stage wrote beside the model, by the
+    # attempt that finished training (it travels with a pulled DVC experiment), else from the
+    # train run (run info written before it held tags). A train run's tags can be an earlier
+    # attempt's: one resumed elsewhere before its tags followed (vaelab.tracking.run).
     train_run_id = run_info["run_id"]
-    carried = {k: v for k, v in run_info.get("tags", {}).items() if k in TRAINING_TAGS}
-    if source is not None:
-        carried |= {k: source.data.tags[k] for k in TRAINING_TAGS if k in source.data.tags}
+    kept = (*TRAINING_TAGS, EARLIER_TAG)
+    from_run = source.data.tags if source is not None else {}
+    carried = {k: v for k, v in from_run.items() if k in kept}
+    carried |= {k: v for k, v in run_info.get("tags", {}).items() if k in kept}
     checksums = json.loads(outputs.checksums.read_text())
     tags = context_tags(checksums, params, outputs.params_file, "src/vaelab/record.py") | carried
     tags[SOURCE_RUN_TAG] = train_run_id

@@ -19,7 +19,18 @@ from vaelab.history import METRICS as HISTORY_METRICS
 from vaelab.params import Params, flatten
 from vaelab.tracking.source import UNKNOWN, log_uncommitted, uncommitted
 from vaelab.tracking.store import connect
-from vaelab.tracking.tags import context_tags, dataset_inputs, parent_tag, training_tags
+from vaelab.tracking.tags import (
+    TRAINING_TAGS,
+    context_tags,
+    dataset_inputs,
+    parent_tag,
+    training_tags,
+)
+
+# A run resumed elsewhere (another train.nproc, device, thread count or machine) carries the
+# environment tags (TRAINING_TAGS) of where it finished, and in this tag what differed where the
+# earlier epochs ran: "until epoch 1: world_size=2; until epoch 3: device=cuda:0".
+EARLIER_TAG = "vaelab.earlier_environment"
 
 STOP_TAG = "vaelab.stopped"  # why training ended
 KEPT_TAG = "vaelab.kept"  # last | best: which epoch's weights are the model (train.keep)
@@ -37,7 +48,8 @@ def metric_batch(values: dict[str, float], step: int, model_id: str | None = Non
 class TrainingRun:
     client: object
     run_id: str
-    tags: dict[str, str] = field(default_factory=dict)  # where training ran (training_tags)
+    # Where training ran (training_tags, where it finished; EARLIER_TAG after a resume elsewhere)
+    tags: dict[str, str] = field(default_factory=dict)
 
     def info(self, experiment: str) -> dict:
         """What the train stage writes to ``models/mlflow_run.json`` for ``record``: the run and
@@ -69,6 +81,26 @@ def _resumable(client, run_id: str | None, experiment_id: str):
         return None
     usable = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
     return run if usable else None
+
+
+def _finishing_here(client, run, environment: dict[str, str], epochs: int) -> dict[str, str]:
+    """Tag resumed ``run`` with this attempt's ``environment`` (training_tags), which trains its
+    epochs after ``epochs``; what differed before goes to ``EARLIER_TAG``. Returns the tags.
+
+    Why where it finished: the tags are what `vaelab.reproduce` names and compares, and a
+    reproduction trains in one go with the run's final params (train.nproc included), on this
+    attempt's kind of environment; the first attempt's tags would name the wrong one."""
+    from mlflow.entities import RunTag
+
+    before = run.data.tags
+    moved = [k for k in TRAINING_TAGS if k in before and before[k] != environment.get(k)]
+    earlier = before.get(EARLIER_TAG, "")
+    if moved:
+        entry = f"until epoch {epochs}: " + ", ".join(f"{k}={before[k]}" for k in moved)
+        earlier = f"{earlier}; {entry}" if earlier else entry
+    tags = environment | ({EARLIER_TAG: earlier[:5000]} if earlier else {})
+    client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return tags
 
 
 def create_run(client, experiment_id: str, params: Params, checksums: dict, tags: dict) -> str:
@@ -104,13 +136,15 @@ def training_run(
     torchrun restarted the processes (the tag ``vaelab.restarts`` when > 0).
 
     With ``resume_run_id`` (training resumed from a checkpoint) the same run continues: it is
-    set RUNNING again and the epochs of ``history`` it lacks are logged, so no step is missing
-    or doubled. On success it stays RUNNING: ``record`` finishes it after evaluate and plot.
+    set RUNNING again, the epochs of ``history`` it lacks are logged, so no step is missing or
+    doubled, and its environment tags become this attempt's (``EARLIER_TAG`` keeps what differed
+    before). On success it stays RUNNING: ``record`` finishes it after evaluate and plot.
     """
     from mlflow.entities import Param
 
     client, experiment_id = connect(params.mlflow.experiment)
     resumed = _resumable(client, resume_run_id, experiment_id)
+    environment = training_tags(device, world_size)
     if resumed is not None:
         run_id = resumed.info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -119,8 +153,9 @@ def training_run(
         client.set_tag(run_id, "vaelab.resumed_after_epoch", str(len(history)))
         if restarts:
             client.set_tag(run_id, "vaelab.restarts", str(restarts))
+        environment = _finishing_here(client, resumed, environment, len(history))
     else:  # also a group torchrun restarted before the first checkpoint: a new run, so tag it
-        tags = context_tags(checksums, params, params_file) | training_tags(device, world_size)
+        tags = context_tags(checksums, params, params_file) | environment
         tags |= {"vaelab.restarts": str(restarts)} if restarts else {}
         run_id = create_run(client, experiment_id, params, checksums, tags)
     try:
@@ -128,7 +163,7 @@ def training_run(
             flat = flatten(params)
             client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()])
         logged = {m.step for m in client.get_metric_history(run_id, HISTORY_METRICS[0])}
-        run = TrainingRun(client, run_id, training_tags(device, world_size))
+        run = TrainingRun(client, run_id, environment)
         for row in history:
             if int(row["epoch"]) not in logged:
                 run.log_epoch(row)
