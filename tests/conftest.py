@@ -19,9 +19,11 @@ from vaelab import params as params_mod
 from vaelab.data import idx_bytes, prepare_custom
 
 PROJECT = Path(__file__).resolve().parents[1]
-# 333 = 10 batches of 32 + 13: the last, smaller batch (and, under DDP, slices of 7 and 6) is
-# exercised by every test that trains with batch_size 32.
-N_TRAIN, N_TEST = 333, 80
+# The fake training file holds N_TRAIN + N_VAL images; the tiny params hold the last N_VAL out as
+# the validation split (data.validation), so N_TRAIN are trained on. 333 = 10 batches of 32 + 13:
+# the last, smaller batch (and, under DDP, slices of 7 and 6) is exercised by every test that
+# trains with batch_size 32.
+N_TRAIN, N_VAL, N_TEST = 333, 60, 80
 
 
 def draw_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +45,7 @@ def draw_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def write_fake_mnist(folder: Path) -> dict[str, str]:
     """The four IDX files + manifest.json in ``folder``; returns {name: md5}."""
     folder.mkdir(parents=True, exist_ok=True)
-    train_x, train_y = draw_digits(N_TRAIN, seed=1)
+    train_x, train_y = draw_digits(N_TRAIN + N_VAL, seed=1)
     test_x, test_y = draw_digits(N_TEST, seed=2)
     contents = {
         "train-images-idx3-ubyte": idx_bytes(train_x),
@@ -84,7 +86,7 @@ def fake_data_dir(tmp_path: Path, fake_mnist: Path) -> Path:
 
 
 TINY = {
-    "data": {"source": "custom"},
+    "data": {"source": "custom", "validation": N_VAL},
     "model": {"hidden": [64]},
     "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
     "evaluate": {"iw_samples": 8},

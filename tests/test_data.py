@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
-from tests.conftest import N_TRAIN
+from tests.conftest import N_TRAIN, N_VAL
 from vaelab import data, files
 from vaelab.errors import VaelabError
 
@@ -23,8 +23,8 @@ def _md5(path) -> str:
 
 def test_idx_round_trip_and_torchvision_layout(fake_data_dir):
     images, labels = data.load_split(fake_data_dir, train=True)
-    assert images.shape == (N_TRAIN, 28, 28) and images.dtype.is_floating_point is False
-    assert labels.shape == (N_TRAIN,) and int(labels.max()) <= 9
+    assert images.shape == (N_TRAIN + N_VAL, 28, 28) and images.dtype.is_floating_point is False
+    assert labels.shape == (N_TRAIN + N_VAL,) and int(labels.max()) <= 9
     raw = (fake_data_dir / "raw" / "train-images-idx3-ubyte").read_bytes()
     assert int.from_bytes(raw[:4], "big") == 2051
     assert np.array_equal(np.frombuffer(raw[16:], np.uint8).reshape(-1, 28, 28), images.numpy())

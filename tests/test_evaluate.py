@@ -182,29 +182,32 @@ def _direct_terms(vae: m.VAE, images: torch.Tensor) -> tuple[torch.Tensor, torch
     return recon, kl
 
 
-def evaluate(vae, params, train, test, last) -> dict:
+def evaluate(vae, params, train, test, last, val=None) -> dict:
     """``ev.evaluate`` on (images, labels) pairs, with a one-row history ``last``."""
     return ev.evaluate(
         vae,
         params,
-        train_images=train[0],
-        test_images=test[0],
+        train=ev.Split(*train),
+        test=ev.Split(*test),
         history=[last],
-        train_labels=train[1],
-        test_labels=test[1],
+        validation=None if val is None else ev.Split(*val),
     )
 
 
 def test_evaluate_reports_each_set_s_own_values(tiny_params):
-    """evaluate()'s numbers against a direct computation: the test ELBO from the test images,
-    the training ELBO from the training images, per-digit means by label, the IW bound's ELBO in
-    the same convention with the Gaussian constant, counts and active units."""
+    """evaluate()'s numbers against a direct computation: the test and validation ELBOs from
+    their own images, the training ELBO from the training images, per-digit means by label, the
+    IW bound's ELBO in the same convention with the Gaussian constant, counts and active units.
+    The three sets are drawn from three distributions, so a metric of the wrong set shows."""
     vae = _near_deterministic_vae()
     g = torch.Generator().manual_seed(4)
     train = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8, generator=g)
     # A different distribution (mostly dark): its ELBO differs clearly from the training set's.
     test = (torch.rand(30, 28, 28, generator=g).pow(4) * 255).to(torch.uint8)
+    # A third (mostly bright) for the validation split.
+    val = (torch.rand(20, 28, 28, generator=g).pow(0.25) * 255).to(torch.uint8)
     train_labels, test_labels = torch.arange(50) % 10, torch.arange(30) % 3
+    val_labels = torch.arange(20) % 4
     last = {
         "epoch": 2,
         "epoch/train/neg_elbo": 9.0,
@@ -212,16 +215,25 @@ def test_evaluate_reports_each_set_s_own_values(tiny_params):
         "epoch/train/kl": 4.0,
     }
 
-    metrics = evaluate(vae, tiny_params, (train, train_labels), (test, test_labels), last)
+    metrics = evaluate(
+        vae, tiny_params, (train, train_labels), (test, test_labels), last, (val, val_labels)
+    )
 
-    for split, images in (("test", test), ("train", train)):
+    for split, images in (("test", test), ("train", train), ("val", val)):
         recon, kl = _direct_terms(vae, images)
         assert metrics[split]["recon"] == pytest.approx(recon.mean().item(), rel=1e-5), split
         assert metrics[split]["kl"] == pytest.approx(kl.mean().item(), rel=1e-5), split
         assert metrics[split]["neg_elbo"] == pytest.approx((recon + kl).mean().item(), rel=1e-5)
     recon, kl = _direct_terms(vae, test)
     train_recon, train_kl = _direct_terms(vae, train)
+    val_recon, val_kl = _direct_terms(vae, val)
     assert abs((recon + kl).mean() - (train_recon + train_kl).mean()) > 1.0, "sets tell apart"
+    assert abs((recon + kl).mean() - (val_recon + val_kl).mean()) > 1.0, "sets tell apart"
+    assert abs((val_recon + val_kl).mean() - (train_recon + train_kl).mean()) > 1.0
+    assert metrics["val_per_digit"] == {
+        str(d): pytest.approx((val_recon + val_kl)[val_labels == d].mean().item(), rel=1e-5)
+        for d in range(4)
+    }
     assert metrics["test_per_digit"] == {
         str(d): pytest.approx((recon + kl)[test_labels == d].mean().item(), rel=1e-5)
         for d in range(3)
@@ -230,15 +242,23 @@ def test_evaluate_reports_each_set_s_own_values(tiny_params):
     assert metrics["test_iw"]["neg_elbo"] == pytest.approx(
         (recon + kl).mean().item() + constant, rel=1e-6
     )
+    assert metrics["val_iw"]["neg_elbo"] == pytest.approx(
+        (val_recon + val_kl).mean().item() + constant, rel=1e-6
+    )
     assert metrics["test_iw"]["samples"] == tiny_params.evaluate.iw_samples
+    assert metrics["val_iw"]["samples"] == tiny_params.evaluate.iw_samples
     with torch.no_grad():
         means = vae.encode(test.float().unsqueeze(1) / 255)[0].double()
+        val_means = vae.encode(val.float().unsqueeze(1) / 255)[0].double()
     assert metrics["latent"]["dims"] == 2
     assert metrics["latent"]["active_units"] == int((means.var(0, unbiased=False) > 0.01).sum())
     assert metrics["latent"]["active_units"] >= 1
+    assert metrics["val_latent"]["active_units"] == int(
+        (val_means.var(0, unbiased=False) > 0.01).sum()
+    )
     assert metrics["train_last_epoch"] == {"neg_elbo": 9.0, "recon": 5.0, "kl": 4.0}
-    assert metrics["epochs"] == 2
-    assert metrics["images"] == {"train": 50, "test": 30}
+    assert metrics["epochs"] == metrics["model_epoch"] == 2
+    assert metrics["images"] == {"train": 50, "val": 20, "test": 30}
 
 
 def test_each_metric_draws_from_its_own_generator():
@@ -299,14 +319,28 @@ def test_the_probe_is_fit_on_the_training_set_not_the_test_set(tiny_params):
 
     train, train_level = images(60, 1)
     test, test_level = images(30, 2)
+    val, val_level = images(21, 3)
     means = ev.latent_means(vae, torch.cat([train, test]))
     # The fit itself can separate the levels: on the test set's own labels it scores 1.
     assert ev.probe_accuracy(means[60:], test_level, means[60:], test_level) == 1.0
     last = {"epoch": 1} | {f"epoch/train/{k}": 1.0 for k in ("neg_elbo", "recon", "kl")}
 
-    metrics = evaluate(vae, tiny_params, (train, train_level), (test, (test_level + 1) % 3), last)
+    # The test labels shifted by one, the validation labels by two: fit on either, the probe
+    # would score 1 there.
+    metrics = evaluate(
+        vae,
+        tiny_params,
+        (train, train_level),
+        (test, (test_level + 1) % 3),
+        last,
+        (val, (val_level + 2) % 3),
+    )
 
     assert metrics["latent"]["probe_accuracy"] == 0.0
+    assert metrics["val_latent"]["probe_accuracy"] == 0.0
+    # And with the training names, every held-out image is read right.
+    same = evaluate(vae, tiny_params, (train, train_level), (test, test_level), last)
+    assert same["latent"]["probe_accuracy"] == 1.0
 
 
 def test_active_units_count_variances_above_0_01():
@@ -346,11 +380,9 @@ def test_the_training_numbers_come_from_the_history_s_last_row(tiny_params):
     metrics = ev.evaluate(
         vae,
         tiny_params,
-        train_images=train,
-        test_images=test,
+        train=ev.Split(train, torch.arange(20) % 2),
+        test=ev.Split(test, torch.arange(10) % 2),
         history=history,
-        train_labels=torch.arange(20) % 2,
-        test_labels=torch.arange(10) % 2,
     )
     assert metrics["epochs"] == 3
     assert metrics["train_last_epoch"] == {"neg_elbo": 30.0, "recon": 18.0, "kl": 12.0}

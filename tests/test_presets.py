@@ -128,7 +128,7 @@ def test_dry_run_prints_the_command_and_unknown_presets_fail(capsys):
         ]
     )
     assert capsys.readouterr().out.strip() == (
-        "dvc exp run -n tutorial-exact -S loss.beta=0.015625 --queue"
+        "dvc exp run -n tutorial-exact -S data.validation=0 -S loss.beta=0.015625 --queue"
     )
     with pytest.raises(SystemExit) as exit_info:
         presets.main(["--dir", str(PRESETS), "--params", str(PROJECT / "params.yaml"), "iwae"])

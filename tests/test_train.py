@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.conftest import N_TRAIN
-from vaelab.data import load_split
+from vaelab.data import load_split, training_data
 from vaelab.device import resolve as resolve_device
 from vaelab.errors import VaelabError
-from vaelab.history import COLUMNS as HISTORY_COLUMNS
+from vaelab.history import columns as history_columns
 from vaelab.optim import kl_weights
 from vaelab.training import train_model
 
@@ -23,9 +23,10 @@ TIMING = {"epoch_seconds", "images_per_second"}
 
 
 def _train(params, data_dir):
-    train_x, _ = load_split(data_dir, train=True)
-    test_x, _ = load_split(data_dir, train=False)
-    return train_model(params, train_x, test_x, device=torch.device("cpu"))
+    """Train as the stage does: on the training file less its validation split, the held-out
+    pass on the validation split (the test set with data.validation: 0)."""
+    train_x, heldout_x = training_data(data_dir, params.data.validation)
+    return train_model(params, train_x, heldout_x, device=torch.device("cpu"))
 
 
 def test_seeded_cpu_runs_are_bit_identical(tiny_params, fake_data_dir):
@@ -46,13 +47,13 @@ def test_history_has_one_row_per_epoch_and_the_loss_falls(tiny_params, fake_data
     params = dataclasses.replace(tiny_params, train=longer)
     _, history = _train(params, fake_data_dir)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
-    assert all(set(row) == set(HISTORY_COLUMNS) for row in history)
+    assert all(set(row) == set(history_columns("val")) for row in history)
     for row in history:
         assert row["epoch/train/neg_elbo"] == pytest.approx(
             row["epoch/train/recon"] + row["epoch/train/kl"]
         )
         assert row["epoch/train/loss"] == pytest.approx(row["epoch/train/neg_elbo"])  # beta = 1
-    assert history[-1]["epoch/test/neg_elbo"] < 0.8 * history[0]["epoch/test/neg_elbo"]
+    assert history[-1]["epoch/val/neg_elbo"] < 0.8 * history[0]["epoch/val/neg_elbo"]
 
 
 def test_beta_weights_only_the_kl_in_the_objective(tiny_params, fake_data_dir):
@@ -135,7 +136,7 @@ def test_compiled_step_trains_like_the_eager_one(tiny_params, fake_data_dir, obj
     with torch._inductor.config.patch(fallback_random=True):
         _, compiled_history = _train(compiled, fake_data_dir)
     # Same seed, same noise, same maths; only kernel fusion and summation order differ.
-    for key in ("epoch/train/loss", "epoch/train/neg_elbo", "epoch/test/neg_elbo"):
+    for key in ("epoch/train/loss", "epoch/train/neg_elbo", "epoch/val/neg_elbo"):
         for got, expected in zip(compiled_history, eager_history, strict=True):
             assert got[key] == pytest.approx(expected[key], rel=1e-4), key
     assert [r["epoch/train/lr"] for r in compiled_history] == [
@@ -254,6 +255,7 @@ def test_an_epoch_is_the_plain_loop_including_the_smaller_last_batch(tiny_params
     model, _ = _train(params, fake_data_dir)
 
     images, _ = load_split(fake_data_dir, train=True)
+    images = images[: len(images) - params.data.validation]  # the last ones are held out
     assert len(images) % cfg.batch_size != 0, "the fixture must leave a smaller last batch"
     torch.manual_seed(cfg.seed)  # initial weights, then the noise, from the global RNG
     from vaelab.model import VAE
@@ -319,14 +321,15 @@ def test_an_epoch_s_row_is_the_plain_loop_s_means_and_the_test_set_s_elbo(
 ):
     """One epoch's history row against the plain loop written out: the training columns are the
     loop's per-image 0.5 * SSE and KL summed over every step and divided by the number of images
-    (333: the last batch is smaller, so batches x batch size would be wrong); the test columns are
-    the trained model's ELBO on the test images, here a darker set than the training set, so
-    that a pass over the wrong images shows (KL in closed form; recon is one noisy sample)."""
+    (333: the last batch is smaller, so batches x batch size would be wrong); the held-out
+    columns (epoch/val/*) are the trained model's ELBO on the held-out images, here a darker set
+    than the training set, so that a pass over the wrong images shows (KL in closed form; recon
+    is one noisy sample)."""
     params = dataclasses.replace(
         tiny_params, train=dataclasses.replace(tiny_params.train, epochs=1)
     )
     cfg = params.train
-    images, _ = load_split(fake_data_dir, train=True)
+    images, _ = training_data(fake_data_dir, params.data.validation)
     g = torch.Generator().manual_seed(3)
     dark = (torch.rand(80, 28, 28, generator=g).pow(4) * 255).to(torch.uint8)
     model, history = train_model(params, images, dark, device=torch.device("cpu"))
@@ -370,9 +373,9 @@ def test_an_epoch_s_row_is_the_plain_loop_s_means_and_the_test_set_s_elbo(
 
     test_recon, test_kl = elbo_terms(dark)
     train_recon, train_kl = elbo_terms(images)
-    assert row["epoch/test/kl"] == pytest.approx(test_kl, rel=1e-4)
-    assert row["epoch/test/recon"] == pytest.approx(test_recon, rel=0.02)
-    assert row["epoch/test/neg_elbo"] == pytest.approx(test_recon + test_kl, rel=0.02)
+    assert row["epoch/val/kl"] == pytest.approx(test_kl, rel=1e-4)
+    assert row["epoch/val/recon"] == pytest.approx(test_recon, rel=0.02)
+    assert row["epoch/val/neg_elbo"] == pytest.approx(test_recon + test_kl, rel=0.02)
     # The two sets are far apart, beyond those tolerances: the wrong set would fail above.
     assert abs(train_kl - test_kl) > 0.1 * test_kl
     assert abs(train_recon - test_recon) > 0.1 * test_recon

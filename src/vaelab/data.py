@@ -376,6 +376,18 @@ def hold_out(
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
 
 
+def training_data(data_dir: Path, validation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the train stage reads: (the images trained on, the held-out images of its per-epoch
+    pass), uint8 (N, 28, 28). The held-out images are the validation split (``hold_out``); the
+    test set only without one (``validation`` 0), so that with a validation split training never
+    reads the test images."""
+    images, labels = load_split(data_dir, train=True)
+    (train_images, _), (heldout_images, _) = hold_out(images, labels, validation, data_dir)
+    if not validation:
+        heldout_images, _ = load_split(data_dir, train=False)
+    return train_images, heldout_images
+
+
 # ----------------------------------------------------------------------------- binarisation
 
 # Fixed seeds, not train.seed: every configuration is evaluated on the very same binary test and

@@ -5,12 +5,12 @@
         [-S train.epochs=50] [--dry-run]
 
 A preset lists its changes from the tutorial's defaults (``params.defaults()``) to the keys that
-define a configuration (``CONFIG_KEYS``: model, loss, binarisation, training length and
-optimiser, evaluation K). Applying it sets every one of those keys to defaults + preset, whatever
-params.yaml holds now, and leaves the others (data source, device, seeds, plots, MLflow
-experiment) as they are. The result is validated like params.yaml, then handed to
-``dvc exp run -n <name> -S key=value ...`` for the keys that differ from params.yaml, so the
-experiment is tracked (DVC and MLflow) like any other.
+define a configuration (``CONFIG_KEYS``: model, loss, binarisation, the validation split and
+early stopping, training length and optimiser, evaluation K). Applying it sets every one of those
+keys to defaults + preset, whatever params.yaml holds now, and leaves the others (data source,
+device, seeds, plots, MLflow experiment) as they are. The result is validated like params.yaml,
+then handed to ``dvc exp run -n <name> -S key=value ...`` for the keys that differ from
+params.yaml, so the experiment is tracked (DVC and MLflow) like any other.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from vaelab.errors import VaelabError, run_stage
 # A key is "section.key" or "section.*" for a whole section.
 CONFIG_KEYS = (
     "data.binarize",
+    "data.validation",
     "model.*",
     "loss.*",
     "train.epochs",
@@ -40,6 +41,8 @@ CONFIG_KEYS = (
     "train.adam_betas",
     "train.adam_eps",
     "train.kl_warmup_epochs",
+    "train.patience",
+    "train.keep",
     "evaluate.iw_samples",
 )
 

@@ -20,7 +20,7 @@ import torch
 from vaelab import checkpoints, distributed, history
 from vaelab import device as device_mod
 from vaelab import params as params_mod
-from vaelab.data import CHECKSUMS_FILE, hold_out, load_split
+from vaelab.data import CHECKSUMS_FILE, training_data
 from vaelab.errors import VaelabError, run_stage
 from vaelab.files import atomic_write_bytes
 from vaelab.model import VAE, save
@@ -72,12 +72,7 @@ def train_stage(
     with a validation split nothing this stage does can look at the test images."""
     device = device_mod.resolve(params.train.device)
     validation = params.data.validation
-    train_images, train_labels = load_split(args.data_dir, train=True)
-    (train_images, _), (heldout_images, _) = hold_out(
-        train_images, train_labels, validation, args.data_dir
-    )
-    if not validation:
-        heldout_images, _ = load_split(args.data_dir, train=False)
+    train_images, heldout_images = training_data(args.data_dir, validation)
     # before touching the store
     check_batch_size(params.train.batch_size, len(train_images), validation)
     if world.size > 1:

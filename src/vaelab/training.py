@@ -387,7 +387,7 @@ def prepare(
 ) -> tuple[TrainingState, EpochPlan, TrainStep]:
     """A fresh training state, the epoch plan for ``train_images`` and the step that trains the
     state's model (wrapped in DDP under several ranks)."""
-    check_batch_size(params.train.batch_size, len(train_images))
+    check_batch_size(params.train.batch_size, len(train_images), params.data.validation)
     state = TrainingState.create(params, device)
     plan = EpochPlan.create(train_images, params, world=world, device=device)
     if params.model.output_bias == "data_mean":  # before the wrap, which broadcasts rank 0's

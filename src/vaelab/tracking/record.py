@@ -18,12 +18,19 @@ from pathlib import Path
 
 from vaelab.params import Params, flatten
 from vaelab.tracking.models import log_model
-from vaelab.tracking.run import EARLIER_TAG, TrainingRun, create_run, metric_batch
+from vaelab.tracking.run import (
+    EARLIER_TAG,
+    KEPT_TAG,
+    STOP_TAG,
+    TrainingRun,
+    create_run,
+    metric_batch,
+)
 from vaelab.tracking.store import connect
 from vaelab.tracking.tags import TRAINING_TAGS, context_tags
 
 FINGERPRINT_TAG = "vaelab.fingerprint"
-RECORD_STANDARD = 2
+RECORD_STANDARD = 3
 SOURCE_RUN_TAG = "vaelab.source_run_id"
 
 
@@ -36,7 +43,8 @@ def _fingerprint(
     figures = sorted(p for p in outputs.figures.iterdir() if p.is_file())
     files = (outputs.metrics, outputs.checksums, outputs.model, *figures)
     payload = {
-        # What a complete run holds changed: 2 = with its MLflow model, datasets and count tags.
+        # What a complete run holds changed: 2 = with its MLflow model, datasets and count tags;
+        # 3 = with the validation split's dataset input and the stop tags.
         # A run recorded to an older standard matches no more, so record rebuilds it.
         "standard": RECORD_STANDARD,
         "params": flat_params,
@@ -51,9 +59,12 @@ def _fingerprint(
 # (``eval.images.train`` ...), so that every MLflow metric is something measured.
 COUNTS = (
     "eval/epochs",
+    "eval/model_epoch",
     "eval/images/train",
+    "eval/images/val",
     "eval/images/test",
     "eval/latent/dims",
+    "eval/val_iw/samples",
     "eval/test_iw/samples",
 )
 
@@ -162,7 +173,7 @@ def _rebuild(
     # train run (run info written before it held tags). A train run's tags can be an earlier
     # attempt's: one resumed elsewhere before its tags followed (vaelab.tracking.run).
     train_run_id = run_info["run_id"]
-    kept = (*TRAINING_TAGS, EARLIER_TAG)
+    kept = (*TRAINING_TAGS, EARLIER_TAG, STOP_TAG, KEPT_TAG)
     from_run = source.data.tags if source is not None else {}
     carried = {k: v for k, v in from_run.items() if k in kept}
     carried |= {k: v for k, v in run_info.get("tags", {}).items() if k in kept}

@@ -68,8 +68,11 @@ class TrainingRun:
     def log_stop(self, reason: str, keep: str) -> None:
         """Why training ended (``STOP_TAG``: train.epochs reached, or early stopping with the
         best epoch) and which epoch's weights the model holds (``train.keep``)."""
-        self.client.set_tag(self.run_id, STOP_TAG, reason)
-        self.client.set_tag(self.run_id, KEPT_TAG, keep)
+        from mlflow.entities import RunTag
+
+        stop = {STOP_TAG: reason, KEPT_TAG: keep}
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in stop.items()])
+        self.tags |= stop  # the run info carries them to a run record rebuilds
 
 
 def _resumable(client, run_id: str | None, experiment_id: str):
