@@ -160,13 +160,22 @@ def tamper(repo: Path, run_id: str, key: str, value: str) -> None:
 
 def test_a_tampered_experiment_differs_naming_the_metrics_and_the_causes(reproduced_copy):
     """`dvc exp run -n exp-seed-4 -S evaluate.seed=4` is re-created from its experiment's commit
-    (params.yaml there has that seed); its train.lr was changed in the store and the
-    reproduction runs on another thread count: differs, exit 3, the differing metrics and both
-    causes named."""
+    (params.yaml there has that seed) and, from its recorded diff, the new module its evaluate
+    stage imports, which git did not track, so DVC's `git add -u` left it out of the commit; its
+    train.lr was changed in the store and the reproduction runs on another thread count:
+    differs, exit 3, the differing metrics and both causes named."""
     repo = reproduced_copy
+    (repo / "src" / "vaelab" / "exp_note.py").write_text('NOTE = "not tracked by git"\n')
+    with open(repo / "src" / "vaelab" / "evaluate.py", "a") as source:
+        source.write("\nimport vaelab.exp_note  # noqa: E402,F401\n")
     run(repo, "dvc", "exp", "run", "-n", "exp-seed-4", "-S", "evaluate.seed=4")
     original = runs(repo)[-1]
     assert original.data.tags["dvc.exp_name"] == "exp-seed-4"
+    assert "src/vaelab/exp_note.py" in original.data.tags["vaelab.uncommitted"]
+    baseline = original.data.tags["dvc.baseline_rev"]
+    experiment = f"refs/exps/{baseline[:2]}/{baseline[2:]}/exp-seed-4"
+    in_commit = run(repo, "git", "ls-tree", "-r", "--name-only", experiment).split()
+    assert "src/vaelab/evaluate.py" in in_commit and "src/vaelab/exp_note.py" not in in_commit
     threads = int(original.data.tags["torch.threads"])
     other = 1 if threads > 1 else 2  # torch takes no more threads than there are cores
     tamper(repo, original.info.run_id, "train.lr", "0.002")
@@ -176,6 +185,8 @@ def test_a_tampered_experiment_differs_naming_the_metrics_and_the_causes(reprodu
 
     assert done.returncode == reproduce.DIFFERS, done.stdout + done.stderr
     out = done.stdout
+    restored = "reproduce: from the run's recorded diff, as it trained with them (DVC commits "
+    assert f"{restored}an experiment with `git add -u`): src/vaelab/exp_note.py\n" in out, out
     assert "reproduce: differs (largest absolute difference):" in out, out
     assert "  epoch/train/loss" in out and "  eval/test/neg_elbo" in out
     assert "weights (sha256)" in out

@@ -7,11 +7,13 @@
    complete training run that recorded what reproduction needs (its commit, its uncommitted
    changes, its data's MD5s, where it trained).
 2. Its own code, params and data, without touching this workspace: a temporary clone of this
-   repository (``git clone --shared``, which borrows the git objects) at the run's commit (for a
-   run of ``dvc exp run`` or the DVC queue, its experiment's commit) with the run's uncommitted
-   diff applied (``git apply``); the run's logged params in that clone's params.yaml; the data
-   from this repository's DVC cache (else pulled, else fetched by ``prepare``), checked against
-   the run's MD5s.
+   repository (``git clone --shared``, which borrows the git objects) at the run's commit with
+   the run's uncommitted diff applied (``git apply``); for a run of ``dvc exp run`` or the DVC
+   queue, at its experiment's commit (only a ref whose baseline is the run's), with the files
+   of the diff that commit lacks (DVC commits with ``git add -u``: a new file is left out) or
+   has otherwise; the run's logged params in that clone's params.yaml; the data from this
+   repository's DVC cache (else pulled, else fetched by ``prepare``), checked against the run's
+   MD5s.
 3. ``dvc repro --force --no-commit --downstream train`` there (DVC's run cache would restore,
    not train; nothing is committed to the shared cache), with the run's torch thread count,
    logging into this repository's MLflow store: a new run, tagged ``vaelab.reproduces``.
@@ -19,9 +21,9 @@
    evaluation metric and the weights are equal; else **differs** (exit 3), with per metric the
    largest absolute difference and, as the likely cause, what differs between the two runs'
    recorded environments (device, torch version and threads, processes, Python, platform) or
-   params. Errors: one line, exit 2. Both runs are tagged (``vaelab.reproduced_by``,
-   ``vaelab.reproduction`` on the original), the comparison is the new run's artifact
-   ``reproduction/comparison.json``.
+   params. Errors (MLflow, git or DVC failing too): one line, exit 2. Both runs are tagged
+   (``vaelab.reproduced_by``, ``vaelab.reproduction`` on the original), the comparison is the
+   new run's artifact ``reproduction/comparison.json``.
 
 The clone is removed at the end, also after an error or Ctrl-C.
 """
@@ -59,8 +61,16 @@ DIFFERS = 3  # the exit status of "differs"; errors are 2 (vaelab.errors.run_sta
 def _run(*cmd: str, cwd: Path, env: dict | None = None, quiet: bool = True) -> str:
     """Run ``cmd`` in ``cwd``; its output (shown as it comes unless ``quiet``); raises on
     failure with the output in the message."""
+    # errors="replace": a command's messages may quote a file's bytes (git apply quotes a
+    # Latin-1 line it warns about), and they are only shown.
     done = subprocess.run(
-        cmd, cwd=cwd, env=env, text=True, capture_output=quiet, stdin=subprocess.DEVNULL
+        cmd,
+        cwd=cwd,
+        env=env,
+        text=True,
+        errors="replace",
+        capture_output=quiet,
+        stdin=subprocess.DEVNULL,
     )
     if done.returncode != 0:
         output = f"\n{done.stdout}{done.stderr}" if quiet else " (its messages are above)"
@@ -81,21 +91,9 @@ def source_commit(run, root: Path) -> str:
     """The commit to re-create ``run`` from: its DVC experiment's (``dvc exp run``, the queue),
     else the commit it trained at; refused with how to get it when this repository lacks it."""
     tags = run.data.tags
-    name, baseline = tags.get("dvc.exp_name", ""), tags.get("dvc.baseline_rev", "")
+    name = tags.get("dvc.exp_name", "")
     if name:
-        refs = _run("git", "for-each-ref", "--format=%(objectname) %(refname)", cwd=root)
-        candidates = [line.split()[0] for line in refs.splitlines() if line.endswith(f"/{name}")]
-        exact = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
-        for line in refs.splitlines():
-            if line.endswith(f" {exact}"):
-                return line.split()[0]
-        if len(candidates) == 1:
-            return candidates[0]
-        raise VaelabError(
-            f"run {run.info.run_id} is DVC experiment '{name}' (baseline {baseline[:7]}), which "
-            f"is not in this repository: `dvc exp pull origin {name}` (or `dvc exp list "
-            "--all-commits` to see what is here)."
-        )
+        return experiment_commit(run.info.run_id, name, tags.get("dvc.baseline_rev", ""), root)
     commit = tags["git.commit"]
     if not _has_commit(root, commit):
         raise VaelabError(
@@ -104,6 +102,52 @@ def source_commit(run, root: Path) -> str:
             "run this again."
         )
     return commit
+
+
+def experiment_ref(baseline: str, name: str) -> str:
+    """Where DVC keeps experiment ``name`` of commit ``baseline``."""
+    return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+
+
+def experiment_commit(run_id: str, name: str, baseline: str, root: Path) -> str:
+    """The commit of DVC experiment ``name`` run on commit ``baseline``: its own ref
+    (``experiment_ref``), else any ref named ``.../NAME`` (a ``dvc exp branch``, an experiment
+    ref fetched under another path) whose commit's parent is ``baseline``, as an experiment
+    commit's is. Experiment names are unique per baseline only, and a branch may share the name:
+    such refs with another baseline are refused, naming them, with how to fetch the right one."""
+    refs = _run("git", "for-each-ref", "--format=%(refname)", cwd=root).splitlines()
+    own = experiment_ref(baseline, name)
+    named = [ref for ref in refs if ref.rsplit("/", 1)[-1] == name]
+    accepted, other = set(), []
+    for ref in named:
+        log = ("git", "log", "-1", "--format=%H %P", f"{ref}^{{commit}}", "--")
+        commit, _, parents = _run(*log, cwd=root).strip().partition(" ")
+        if baseline and ref == own:
+            return commit
+        parent = parents.split(" ")[0]
+        # refs/exps/<2>/<38>/<name>: the path names the baseline, which must agree as well.
+        parts = ref.split("/")
+        path_baseline = "".join(parts[2:4]) if parts[1] == "exps" and len(parts) == 5 else ""
+        if baseline and parent == baseline and path_baseline in ("", baseline):
+            accepted.add(commit)
+        elif path_baseline:
+            other.append(f"{ref} (baseline {path_baseline[:7]})")
+        else:
+            other.append(f"{ref} ({f'parent {parent[:7]}' if parent else 'no parent'})")
+    if len(accepted) == 1:
+        return accepted.pop()
+    fetch = f"dvc exp pull origin {own if baseline else name}"
+    described = f"run {run_id} is DVC experiment '{name}' (baseline {baseline[:7] or 'unknown'})"
+    if accepted:
+        raise VaelabError(
+            f"{described}, and several commits here could be it ({', '.join(sorted(accepted))}): "
+            f"`{fetch}` fetches its own ref."
+        )
+    elsewhere = f" ({', '.join(other)} share its name only)" if other else ""
+    raise VaelabError(
+        f"{described}, which is not in this repository{elsewhere}: `{fetch}` (or `dvc exp list "
+        "--all-commits` to see what is here)."
+    )
 
 
 @contextlib.contextmanager
@@ -125,6 +169,64 @@ def clone_at(root: Path, commit: str) -> Iterator[Path]:
         yield clone
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def apply_uncommitted(run, clone: Path, folder: Path) -> list[str]:
+    """The run's code in ``clone``, checked out at ``source_commit``: a plain run's recorded diff
+    applied there; for a DVC experiment's run, whose commit holds its tracked changes already,
+    the files that commit lacks or has otherwise (``restore_left_out``), whose paths it
+    returns (none for a plain run). ``folder``: where the diff is downloaded."""
+    diff = reproduction.uncommitted_diff(run, folder)
+    if diff is None:
+        return []
+    if not run.data.tags.get("dvc.exp_name"):
+        _run("git", "apply", "--binary", str(diff), cwd=clone)
+        return []
+    return restore_left_out(clone, run.data.tags["git.commit"], diff)
+
+
+def restore_left_out(clone: Path, baseline: str, diff: Path) -> list[str]:
+    """Every file the run's ``diff`` (against its ``baseline`` commit) touches, as the run
+    trained with it, in the work tree of ``clone`` (at the experiment's commit) where that commit
+    has it otherwise; returns their paths. DVC commits an experiment with ``git add -u``, so a
+    file git did not track yet (a new module, a data manifest) is in the diff and not in the
+    commit; the diff leaves out DVC's own outputs (``dvc.lock``, metrics), kept from the commit."""
+    with tempfile.TemporaryDirectory() as scratch:
+        # The run's tree, built in an index of its own: the clone's index stays the commit's.
+        env = os.environ | {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        _run("git", "read-tree", baseline, cwd=clone, env=env)
+        try:
+            _run("git", "apply", "--cached", "--binary", str(diff), cwd=clone, env=env)
+        except VaelabError as error:
+            raise VaelabError(
+                f"the run's recorded diff does not apply on its commit {baseline[:12]}, so the "
+                f"files its experiment's commit lacks cannot be re-created: {_last_line(error)}"
+            ) from None
+        trained = _run("git", "write-tree", cwd=clone, env=env).strip()
+
+    def changed(a: str, b: str) -> set[str]:
+        names = _run("git", "diff", "--name-only", "-z", "--no-renames", a, b, cwd=clone)
+        return set(names.split("\0")) - {""}
+
+    restored = sorted(changed(baseline, trained) & changed("HEAD", trained))
+    if restored:
+        # --worktree only: the files come back untracked, as in the run's workspace; a file the
+        # run had deleted is deleted.
+        literal = [f":(literal){path}" for path in restored]
+        _run("git", "restore", f"--source={trained}", "--worktree", "--", *literal, cwd=clone)
+    return restored
+
+
+def _last_line(error: Exception) -> str:
+    """A failed command's last line of output: its error, usually."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's first line: what went wrong (MLflow's may add a long response body)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else "(no message)"
 
 
 def _configure(clone: Path, cache: str) -> None:
@@ -256,30 +358,50 @@ def reproduce(experiment: str, wanted: str, threads: int | None = None) -> repro
     threads = threads or int(original.data.tags["torch.threads"])
     print(f"reproduce: run {original.info.run_id} from commit {commit[:12]}, {threads} threads")
     started_ms = int(time.time() * 1000)
-    with tempfile.TemporaryDirectory() as scratch, clone_at(root, commit) as clone:
-        folder = Path(scratch)
-        experiment_run = bool(original.data.tags.get("dvc.exp_name"))  # its commit holds all
-        diff = None if experiment_run else reproduction.uncommitted_diff(original, folder)
-        if diff is not None:
-            _run("git", "apply", "--binary", str(diff), cwd=clone)
-        differing = write_params(original, clone)
-        env = pipeline_env(original, threads)
-        restore_data(original, clone, env)
-        dvc = (sys.executable, "-m", "dvc")
-        # --no-commit: the clone shares this repository's DVC cache, and a run-cache entry from
-        # here (same deps and params as the original) would hand this workspace's next
-        # `dvc repro` the reproduction's outputs and MLflow run instead of the original's.
-        repro = ("repro", "--force", "--no-commit", "--downstream", "train")
-        _run(*dvc, *repro, cwd=clone, env=env, quiet=False)
-        new = reproduction.reproduction_of(original.info.run_id, started_ms)
-        if new is None:
-            raise VaelabError(
-                f"the re-created pipeline ended without a FINISHED run tagged "
-                f"{reproduction.REPRODUCES_TAG} = {original.info.run_id}"
-            )
-        weights = (_weights(original, folder / "a"), _weights(new, folder / "b"))
-    comparison = reproduction.compare(original, new, weights, differing)
-    reproduction.mark(comparison, original.data.tags.get("mlflow.runName", ""))
+    from dvc.exceptions import DvcException
+    from mlflow.exceptions import MlflowException
+
+    new = None
+    try:
+        with tempfile.TemporaryDirectory() as scratch, clone_at(root, commit) as clone:
+            folder = Path(scratch)
+            restored = apply_uncommitted(original, clone, folder)
+            if restored:
+                print(
+                    "reproduce: from the run's recorded diff, as it trained with them (DVC "
+                    f"commits an experiment with `git add -u`): {', '.join(restored)}"
+                )
+            differing = write_params(original, clone)
+            env = pipeline_env(original, threads)
+            restore_data(original, clone, env)
+            dvc = (sys.executable, "-m", "dvc")
+            # --no-commit: the clone shares this repository's DVC cache, and a run-cache entry
+            # from here (same deps and params as the original) would hand this workspace's next
+            # `dvc repro` the reproduction's outputs and MLflow run instead of the original's.
+            repro = ("repro", "--force", "--no-commit", "--downstream", "train")
+            _run(*dvc, *repro, cwd=clone, env=env, quiet=False)
+            new = reproduction.reproduction_of(original.info.run_id, started_ms)
+            if new is None:
+                raise VaelabError(
+                    f"the re-created pipeline ended without a FINISHED run tagged "
+                    f"{reproduction.REPRODUCES_TAG} = {original.info.run_id}"
+                )
+            weights = (_weights(original, folder / "a"), _weights(new, folder / "b"))
+        comparison = reproduction.compare(original, new, weights, differing)
+        reproduction.mark(comparison, original.data.tags.get("mlflow.runName", ""))
+    except (MlflowException, DvcException, OSError, subprocess.SubprocessError) as error:
+        # The store, git or DVC failing under us is no bug of vaelab's: one line (run_stage), and
+        # what is already done named, since a second try trains again.
+        made = (
+            f"; its reproduction, run {new.info.run_id}, is in the store, not compared"
+            if new is not None
+            else ""
+        )
+        raise VaelabError(
+            f"reproducing run {original.info.run_id} stopped: {type(error).__name__}: "
+            f"{_first_line(error)}. The temporary clone is removed and this workspace is as it "
+            f"was{made}; check the tracking store ({tracking_uri()}) and git, then run it again."
+        ) from None
     return comparison
 
 
