@@ -125,9 +125,9 @@ ROWS = [
     ),
     (
         "data file missing",
-        _damage("t10k-images-idx3-ubyte", "missing"),
+        _damage("train-labels-idx1-ubyte", "missing"),
         "train",
-        ["t10k-images-idx3-ubyte: file missing", "dvc repro prepare"],
+        ["train-labels-idx1-ubyte: file missing", "dvc repro prepare"],
     ),
     (
         "data file truncated",

@@ -23,7 +23,7 @@ from vaelab import distributed
 from vaelab import params as params_mod
 from vaelab.data import prepare_custom
 from vaelab.errors import VaelabError
-from vaelab.history import METRICS as HISTORY_METRICS
+from vaelab.history import metrics as history_metrics
 from vaelab.history import read as read_history
 
 # Under `pytest -n 2 --dist loadgroup` (make test) these tests run in one worker, which builds
@@ -86,7 +86,7 @@ def test_two_gloo_processes_match_one_process(uninterrupted):
     (run,) = store.search_runs([store.get_experiment_by_name("vaelab").experiment_id])
     assert run.data.tags["world_size"] == "2" and run.data.params["train.nproc"] == "2"
     assert run.data.tags["train.images_per_epoch"] == str(N_TRAIN)
-    for key in HISTORY_METRICS:
+    for key in history_metrics("val"):
         assert [m.step for m in store.get_metric_history(run.info.run_id, key)] == [1, 2], key
     assert not (results[2] / "checkpoint.pt").exists()
 
@@ -323,7 +323,7 @@ def test_a_lost_process_is_restarted_and_resumes_bit_identical(tmp_path, uninter
     assert "vaelab.error" not in run.data.tags
     assert run.data.tags["vaelab.restarts"] == "1"
     assert run.data.tags["vaelab.resumed_after_epoch"] == "1"
-    for key in HISTORY_METRICS:
+    for key in history_metrics("val"):
         assert [m.step for m in client(store).get_metric_history(run.info.run_id, key)] == [1, 2]
     assert not (out / "checkpoint.pt").exists()
 
@@ -379,7 +379,7 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path, uninterrupted, c
         print(f"max |weight difference| 2 then 1 process vs {nproc} throughout: {worst:.3g}")
         assert worst < TOLERANCE, (nproc, worst)
     run = the_run(store)
-    for key in HISTORY_METRICS:
+    for key in history_metrics("val"):
         assert [m.step for m in client(store).get_metric_history(run.info.run_id, key)] == [1, 2]
     # Tagged where it finished; the first attempt's processes kept beside (vaelab.tracking.run).
     assert run.data.tags["world_size"] == "1"

@@ -19,7 +19,7 @@ from tests.conftest import PROJECT, TINY, write_fake_mnist
 from vaelab import params as params_mod
 from vaelab.data import prepare_custom
 from vaelab.errors import VaelabError
-from vaelab.history import METRICS as HISTORY_METRICS
+from vaelab.history import metrics as history_metrics
 from vaelab.history import read as read_history
 from vaelab.training import train_model
 
@@ -98,7 +98,7 @@ def signalled_train_cmd(epoch: int, how: str, params: Path, data_dir: Path, out:
 
 
 def assert_steps_once(store: Path, run_id: str, epochs: int) -> None:
-    for key in HISTORY_METRICS:
+    for key in history_metrics("val"):
         steps = [m.step for m in client(store).get_metric_history(run_id, key)]
         assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
 

@@ -14,8 +14,8 @@ import torch
 
 from tests.conftest import PROJECT
 from vaelab import params as params_mod
-from vaelab.history import COLUMNS as HISTORY_COLUMNS
 from vaelab.history import METRICS as HISTORY_METRICS
+from vaelab.history import columns as history_columns
 from vaelab.model import VAE, load, save
 from vaelab.tracking.models import MODEL_TAG
 from vaelab.tracking.record import FINGERPRINT_TAG, SOURCE_RUN_TAG, PipelineOutputs, record
@@ -62,11 +62,18 @@ def _outputs(tmp_path, params, checksums, run_id) -> PipelineOutputs:
 
 # Two epochs of every history column, with distinct values (epoch e, column i: e + i / 100).
 HISTORY = [
-    {"epoch": epoch} | {key: epoch + i / 100 for i, key in enumerate(HISTORY_COLUMNS[1:])}
+    {"epoch": epoch} | {key: epoch + i / 100 for i, key in enumerate(history_columns("val")[1:])}
     for epoch in (1, 2)
 ]
 PARAMS_FILE = PROJECT / "params.yaml"
-CHECKSUMS = {"source": "custom", "files": {"a": {"md5": "0" * 32}}}
+# A training file of 100 images and a test file of 20 (IDX: 16 header bytes, 784 per image).
+CHECKSUMS = {
+    "source": "custom",
+    "files": {
+        "train-images-idx3-ubyte": {"md5": "0" * 32, "bytes": 16 + 100 * 784},
+        "t10k-images-idx3-ubyte": {"md5": "1" * 32, "bytes": 16 + 20 * 784},
+    },
+}
 
 
 def _train_run(params) -> str:
@@ -85,9 +92,9 @@ def assert_recorded(store, run_id: str, params, outputs: PipelineOutputs) -> Non
     run = store.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params == {k: str(v) for k, v in params_mod.flatten(params).items()}
-    for key in HISTORY_METRICS:
+    for key in HISTORY_METRICS:  # those of the history's layout, and no other
         logged = sorted((m.step, m.value) for m in store.get_metric_history(run_id, key))
-        assert logged == [(row["epoch"], row[key]) for row in HISTORY], key
+        assert logged == [(row["epoch"], row[key]) for row in HISTORY if key in row], key
     assert run.data.metrics["eval/test/neg_elbo"] == 21.5
     # Counts are tags, not metrics.
     assert "eval/epochs" not in run.data.metrics and "eval/images/train" not in run.data.metrics
@@ -100,7 +107,18 @@ def assert_recorded(store, run_id: str, params, outputs: PipelineOutputs) -> Non
     )
     assert tags["train.images_per_epoch"] == str(int(HISTORY[-1]["epoch/train/images"]))
     contexts = {i.dataset.name: i.tags[0].value for i in run.inputs.dataset_inputs}
-    assert contexts == {"custom train": "training", "custom test": "evaluation"}
+    # tiny params hold out the last 60 of the 100 training images.
+    assert params.data.validation == 60
+    assert contexts == {
+        "custom train[0:40]": "training",
+        "custom validation[40:100]": "validation",
+        "custom test": "test",
+    }
+    rows = {
+        i.dataset.name: json.loads(i.dataset.profile)["num_rows"]
+        for i in run.inputs.dataset_inputs
+    }
+    assert list(rows.values()) == [40, 60, 20]
     figures = {a.path for a in store.list_artifacts(run_id, "figures")}
     assert figures == {f"figures/{p.name}" for p in outputs.figures.iterdir()}
     reports = {a.path for a in store.list_artifacts(run_id, "reports")}
@@ -281,9 +299,9 @@ def test_changed_params_against_the_committed_file(tmp_path, monkeypatch, tiny_p
     base = params_mod.load(repo / "params.yaml")
     assert changed_params(base, repo / "params.yaml", "HEAD") == ""
     assert changed_params(tiny_params, repo / "params.yaml", "HEAD") == (
-        "data.source=custom, model.hidden=[64], train.epochs=2, train.batch_size=32, "
-        "train.device=cpu, evaluate.iw_samples=8, plot.line_count=4, plot.grid_size=4, "
-        "plot.recon_count=4"
+        "data.source=custom, data.validation=60, model.hidden=[64], train.epochs=2, "
+        "train.batch_size=32, train.device=cpu, evaluate.iw_samples=8, plot.line_count=4, "
+        "plot.grid_size=4, plot.recon_count=4"
     )
     assert changed_params(base, repo / "params.yaml", "no-such-rev") is None
     assert changed_params(base, tmp_path / "elsewhere.yaml", "HEAD") is None

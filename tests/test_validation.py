@@ -72,9 +72,7 @@ def test_the_validation_split_is_the_last_n_images_of_the_training_file(fake_dat
     labels_raw = (fake_data_dir / "raw" / "train-labels-idx1-ubyte").read_bytes()
     labels = np.frombuffer(labels_raw[8:], dtype=np.uint8)
 
-    (train_x, train_y), (val_x, val_y) = hold_out(
-        *load_split(fake_data_dir, train=True), N_VAL
-    )
+    (train_x, train_y), (val_x, val_y) = hold_out(*load_split(fake_data_dir, train=True), N_VAL)
     assert np.array_equal(val_x.numpy(), pixels[count - N_VAL :])
     assert np.array_equal(val_y.numpy(), labels[count - N_VAL :])
     assert np.array_equal(train_x.numpy(), pixels[: count - N_VAL])
@@ -104,7 +102,7 @@ def test_a_validation_split_that_leaves_nothing_to_train_on_is_refused(fake_data
     # One batch must fit in what is left: 393 - 370 = 23 images < batch 32.
     params = _with(tiny_params, data={"validation": whole - 23})
     with pytest.raises(
-        VaelabError, match=r"'train.batch_size' is 32.*\(23 images after the 370 validation"
+        VaelabError, match=r"'train.batch_size' is 32.*\(23 images\).*fewer than 370 images"
     ):
         _train(params, fake_data_dir)
 

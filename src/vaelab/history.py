@@ -42,11 +42,12 @@ COLUMNS = columns("test")  # without a validation split (data.validation: 0)
 # step; ``epoch/train/images`` (images trained on in the epoch, all ranks together) is a count:
 # the run carries it as a tag. The ``epoch/`` prefix sorts the curves' chart groups first in the
 # MLflow UI (docs/tracking.md).
-METRICS = tuple(
-    dict.fromkeys(
-        c for c in columns("test") + columns("val") if c not in ("epoch", "epoch/train/images")
-    )
-)
+def metrics(split: str) -> tuple[str, ...]:
+    """The MLflow metrics of a history with the held-out ``split`` ("val" or "test")."""
+    return tuple(c for c in columns(split) if c not in ("epoch", "epoch/train/images"))
+
+
+METRICS = tuple(dict.fromkeys(metrics("test") + metrics("val")))  # of either layout
 COUNT_TAGS = {"epoch/train/images": "train.images_per_epoch"}
 
 

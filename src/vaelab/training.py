@@ -39,15 +39,12 @@ from vaelab.params import Params
 
 def check_batch_size(batch_size: int, n_images: int, validation: int = 0) -> None:
     if batch_size > n_images:
-        held = (
-            f" after the {validation} validation images (data.validation) are held out"
-            if validation
-            else ""
-        )
+        fewer = f", or hold out fewer than {validation} images (data.validation)"
         raise VaelabError(
             f"params.yaml: 'train.batch_size' is {batch_size}, larger than the training set "
-            f"({n_images} images{held}). Choose a batch size <= {n_images}"
-            + (", or hold out fewer images." if validation else ".")
+            f"({n_images} images). Choose a batch size <= {n_images}"
+            + (fewer if validation else "")
+            + "."
         )
 
 

@@ -102,9 +102,10 @@ def dataset_inputs(checksums: dict, binarize: str, validation: int = 0):
     # (name, context, files, first row, end row); the held-out sets of a binarised run are one
     # fixed, seeded binary sample each (vaelab.data).
     splits = [("train", "training", TRAIN_FILES, 0, cut, f" ({binarize} binarisation)")]
+    fixed = " (binarised, fixed seed)"
     if validation:
-        splits.append(("validation", "validation", TRAIN_FILES, cut, n_train, " (binarised)"))
-    splits.append(("test", "test", TEST_FILES, 0, images(TEST_FILES), " (binarised)"))
+        splits.append(("validation", "validation", TRAIN_FILES, cut, n_train, fixed))
+    splits.append(("test", "test", TEST_FILES, 0, images(TEST_FILES), fixed))
     inputs = []
     for split, context, names, first, end, suffix in splits:
         md5s = "".join(f"{name}:{files.get(name, {}).get('md5', '')}\n" for name in names)
