@@ -26,18 +26,23 @@ store = test_tracking.store  # the fixture: a private SQLite store, DVC variable
 URI = "models:/vaelab-vae@champion"
 
 
-def _result(tmp_path, params, nll: float) -> PipelineOutputs:
-    """A trained run and the pipeline's outputs for it, with IW-NLL ``nll``, not yet recorded."""
+def _result(tmp_path, params, nll: float, val_nll: float | None = None) -> PipelineOutputs:
+    """A trained run and the pipeline's outputs for it, with test IW-NLL ``nll`` (and validation
+    IW-NLL ``val_nll``: none given, the run has no validation numbers), not yet recorded."""
     outputs = _outputs(tmp_path, params, CHECKSUMS, _train_run(params))
     outputs.history.write_text("epoch\n1\n")
     evaluation = json.loads(outputs.metrics.read_text())
-    outputs.metrics.write_text(json.dumps(evaluation | {"test_iw": {"nll": nll}}))
+    evaluation |= {"test_iw": {"nll": nll}}
+    if val_nll is not None:
+        evaluation |= {"val_iw": {"nll": val_nll}}
+    outputs.metrics.write_text(json.dumps(evaluation))
     return outputs
 
 
-def _record(tmp_path, params, nll: float) -> str:
-    """A complete run (recorded, with its MLflow model) whose IW-NLL is ``nll``; its id."""
-    return record(params, _result(tmp_path, params, nll), HISTORY)
+def _record(tmp_path, params, nll: float, val_nll: float | None = None) -> str:
+    """A complete run (recorded, with its MLflow model) whose IW-NLL is ``nll`` (``val_nll`` on
+    the validation split); its id."""
+    return record(params, _result(tmp_path, params, nll, val_nll), HISTORY)
 
 
 def _register(capsys, *args: str) -> str:
@@ -91,6 +96,20 @@ def test_the_alias_follows_the_best_run_and_only_moves_for_a_better_one(
     assert means.shape == (4, 3) and means.dtype == np.float32
 
 
+def test_the_champion_follows_validation_where_the_test_set_says_otherwise(
+    store, tmp_path, tiny_params, capsys
+):
+    """Two runs whose validation and test numbers rank them in opposite orders: the champion is
+    the better on validation, its test number printed as reported only. A run without a
+    validation split, whatever its test number, comes after the runs that have one."""
+    on_val = _record(tmp_path, tiny_params, nll=90.0, val_nll=80.0)
+    _record(tmp_path, tiny_params, nll=70.0, val_nll=85.0)  # better on test, worse on val
+    _record(tmp_path, tiny_params, nll=60.0)  # no validation split, the best test number
+    out = _register(capsys)
+    assert f"(run {on_val}, eval/val_iw/nll = 80; eval/test_iw/nll = 90, reported, not used" in out
+    assert _champion(store).run_id == on_val
+
+
 def test_nothing_to_register_is_an_error_that_names_the_problem(store):
     from mlflow.entities import Metric
 
@@ -108,7 +127,8 @@ def test_nothing_to_register_is_an_error_that_names_the_problem(store):
     with pytest.raises(VaelabError) as error:
         register_best("vaelab")
     assert str(error.value) == (
-        "no FINISHED run has the metric 'eval/test_iw/nll'; choose --metric from: "
+        "no FINISHED run has the metric 'eval/val_iw/nll' (nor its test-set twin "
+        "'eval/test_iw/nll'); choose --metric from: "
         "eval/test/neg_elbo."
     )
     with pytest.raises(VaelabError, match=rf"best run {run_id} .* has no logged MLflow model"):

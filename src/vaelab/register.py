@@ -1,13 +1,15 @@
 """Register the MLflow model of the best FINISHED training run: ``python -m vaelab.register``
 (``make register``).
 
-The run with the lowest ``--metric`` (default ``eval/test_iw/nll``; the highest with
-``--descending``) among the experiment's FINISHED training runs (``--filter``: MLflow's search
-syntax) has its logged model (the run's tag ``vaelab.model_uri``) registered as a version of the
-registered model ``--name`` (default ``vaelab-vae``), and the alias ``--alias`` (default
-``champion``) is pointed at it, so ``models:/vaelab-vae@champion`` always loads the best model.
-When the alias already points at that model nothing is registered; when another version holds it
-(the alias was moved by hand), the alias goes back to that version instead of a duplicate.
+The run with the lowest ``--metric`` (default ``eval/val_iw/nll``, the validation split's; the
+highest with ``--descending``) among the experiment's FINISHED training runs (``--filter``:
+MLflow's search syntax; runs without a validation split are ranked by the test set's twin of the
+metric, after the others: ``vaelab.ranking``) has its logged model (the run's tag
+``vaelab.model_uri``) registered as a version of the registered model ``--name`` (default
+``vaelab-vae``), and the alias ``--alias`` (default ``champion``) is pointed at it, so
+``models:/vaelab-vae@champion`` always loads the best model. When the alias already points at
+that model nothing is registered; when another version holds it (the alias was moved by hand),
+the alias goes back to that version instead of a duplicate.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from pathlib import Path
 
 from vaelab import params as params_mod
 from vaelab.errors import run_stage
-from vaelab.tracking.queries import RANK_METRIC
+from vaelab.ranking import RANK_METRIC
 from vaelab.tracking.registry import Registration, register_best
 
 
 def describe(done: Registration) -> str:
     """One line: the URI, the version, the run and its metric, and what changed."""
     run = f"run {done.run_id}, {done.metric} = {done.value:g}"
+    if done.reported:
+        key, value = done.reported
+        run += f"; {key} = {value:g}, reported, not used to choose"
     if done.previous == done.version:
         return f"{done.uri} is already version {done.version} ({run}): nothing to register"
     how = "a new version" if done.new_version else "an existing version of this model"

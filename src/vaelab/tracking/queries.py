@@ -9,8 +9,6 @@ from vaelab.errors import VaelabError
 from vaelab.tracking.store import check_reachable, quiet_mlflow, tracking_uri
 from vaelab.tracking.tags import KIND_TAG, REPRODUCES_TAG
 
-RANK_METRIC = "eval/test_iw/nll"  # nats per image, lower is better; compare's and register's
-
 
 def find_runs(experiment: str, filter_string: str = "", run_ids: list[str] = ()):
     """FINISHED training runs of ``experiment`` as ``mlflow.search_runs`` returns them: a pandas

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vaelab.errors import VaelabError
+from vaelab.ranking import NO_SPLIT, RANK_METRIC, on_test_set, rank
 from vaelab.tracking.models import MODEL_TAG
-from vaelab.tracking.queries import RANK_METRIC, find_runs
+from vaelab.tracking.queries import find_runs
 from vaelab.tracking.store import tracking_uri
 
 
@@ -23,42 +24,51 @@ class Registration:
     value: float
     new_version: bool  # a version was created for the run's model (else an existing one is used)
     previous: str | None  # the version the alias pointed at before; == version: nothing changed
+    # The test set's twin of ``metric`` and its value: reported, not used to choose (None when
+    # the champion was chosen on the test set itself, having no validation split).
+    reported: tuple[str, float] | None = None
 
     @property
     def uri(self) -> str:
         return f"models:/{self.name}@{self.alias}"
 
 
-def best_run(runs, metric: str = RANK_METRIC, descending: bool = False):
-    """The row of ``runs`` (``find_runs``' DataFrame, oldest first) with the lowest ``metric``,
-    the highest with ``descending``; the oldest of equals, so the choice does not flip-flop.
-    Runs without the metric are not ranked."""
-    column = f"metrics.{metric}"
-    ranked = runs[runs[column].notna()] if column in runs.columns else runs.iloc[:0]
-    if ranked.empty:
+def best_run(runs, metric: str = RANK_METRIC, descending: bool = False) -> tuple[object, str]:
+    """The row of ``runs`` (``find_runs``' DataFrame, oldest first) that ranks first by
+    ``metric`` (``vaelab.ranking``: lowest first, highest with ``descending``; a validation
+    metric falls back to its test-set twin for runs without a validation split, ranked after the
+    others), and the metric its value is; the oldest of equals, so the choice does not flip-flop.
+    Runs without either metric are not ranked."""
+    ranking = rank(runs, metric)
+    ranked = ranking.value.notna()
+    if not ranked.any():
         available = sorted(
             c.removeprefix("metrics.")
             for c in runs.columns
             if c.startswith("metrics.") and runs[c].notna().any()
         )
+        twin = f" (nor its test-set twin '{ranking.twin}')" if ranking.twin else ""
         raise VaelabError(
-            f"no FINISHED run has the metric '{metric}'; choose --metric from: "
+            f"no FINISHED run has the metric '{metric}'{twin}; choose --metric from: "
             f"{', '.join(available) or 'none'}."
         )
-    return ranked.sort_values(column, ascending=not descending, kind="stable").iloc[0]
+    first = ranking.order(descending)[0]
+    used = ranking.twin if ranking.split[first] == NO_SPLIT else metric
+    return runs.loc[first], used
 
 
-def _best_with_model(runs, metric: str, descending: bool):
+def _best_with_model(runs, metric: str, descending: bool) -> tuple[object, str]:
     """``best_run``; among runs equal on the metric, one with a model: the same result recorded
     again with its model ties with the older run recorded before models were logged."""
-    best = best_run(runs, metric, descending)
+    best, used = best_run(runs, metric, descending)
     tag = f"tags.{MODEL_TAG}"
     modelled = runs[runs[tag].fillna("").str.startswith("models:/")] if tag in runs else runs[:0]
     if not _has_model(best) and not modelled.empty:
-        candidate = best_run(modelled, metric, descending)
-        if candidate[f"metrics.{metric}"] == best[f"metrics.{metric}"]:
-            return candidate
-    return best
+        candidate, candidate_used = best_run(modelled, metric, descending)
+        same = candidate[f"metrics.{candidate_used}"] == best[f"metrics.{used}"]
+        if candidate_used == used and same:
+            return candidate, used
+    return best, used
 
 
 def _has_model(row) -> bool:
@@ -76,16 +86,16 @@ def _best_to_register(experiment: str, metric: str, descending: bool, filter_str
             f"no FINISHED training run in experiment '{experiment}'{where} to register; run "
             "`make repro` (or `dvc repro`) first, or change --filter."
         )
-    best = _best_with_model(runs, metric, descending)
+    best, used = _best_with_model(runs, metric, descending)
     if not _has_model(best):
         raise VaelabError(
-            f"the best run {best['run_id']} ({metric} = {best[f'metrics.{metric}']:g}) has no "
+            f"the best run {best['run_id']} ({used} = {best[f'metrics.{used}']:g}) has no "
             f"logged MLflow model (no tag {MODEL_TAG}): it was recorded before models were "
             "logged. Run `dvc repro` (or `dvc exp apply` its experiment, then `dvc repro`) to "
             "record it again with its model, or leave such runs out with "
             f"--filter \"tags.`{MODEL_TAG}` LIKE 'models:/%'\"."
         )
-    return best
+    return best, used
 
 
 def register_best(
@@ -104,8 +114,12 @@ def register_best(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    best = _best_to_register(experiment, metric, descending, filter_string)
+    best, metric = _best_to_register(experiment, metric, descending, filter_string)
     run_id, value = str(best["run_id"]), float(best[f"metrics.{metric}"])
+    twin = on_test_set(metric)
+    reported = None
+    if twin and isinstance(best.get(f"metrics.{twin}"), float):
+        reported = (twin, float(best[f"metrics.{twin}"]))
     model_uri = best[f"tags.{MODEL_TAG}"]
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # mlflow.register_model uses the fluent API's store
@@ -114,7 +128,7 @@ def register_best(
         previous = _aliased_version(client, name, alias)
         if previous is not None and _holds(previous, model_uri):
             same = str(previous.version)
-            return Registration(name, alias, same, run_id, metric, value, False, same)
+            return Registration(name, alias, same, run_id, metric, value, False, same, reported)
         version = _version_holding(client, name, model_uri)
         new_version = version is None
         if new_version:
@@ -136,6 +150,7 @@ def register_best(
         value,
         new_version,
         None if previous is None else str(previous.version),
+        reported,
     )
 
 
