@@ -12,8 +12,14 @@ import matplotlib
 import pandas as pd
 import pytest
 
+from tests import test_compare
 from vaelab import compare, replicates
 from vaelab.params import BOOKKEEPING_KEYS, SEED_KEYS, config_id, flatten, is_config_key
+
+# A private store copied from one migrated SQLite file: test_compare's fixtures, found by pytest
+# under these names.
+migrated_store = test_compare.migrated_store
+private_store = test_compare.private_store
 
 matplotlib.use("Agg")
 
@@ -102,15 +108,14 @@ def test_configurations_get_means_sds_ranks_and_the_noise_call():
 
 
 @pytest.fixture
-def replicate_store(tmp_path, monkeypatch):
+def replicate_store(private_store):
     """Two configurations (latent 2 and 5), two seeds each, and one configuration (latent 10)
     with one seed, in a private store; params as MLflow logs them."""
     from mlflow.entities import Metric, Param
 
     from vaelab.tracking.store import connect
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
+    tmp_path = private_store
     client, experiment_id = connect("vaelab")
     nll = {(2, 0): 30.0, (2, 1): 31.0, (5, 0): 24.0, (5, 1): 24.6, (10, 0): 24.2}
     for (latent, seed), value in nll.items():
@@ -161,17 +166,108 @@ def test_a_comparison_without_replicates_looks_as_before(replicate_store):
     assert "config" not in next(csv.reader(report.with_suffix(".csv").open()))
 
 
-def test_welch_s_test_with_unequal_variances_and_sizes():
-    """Where Welch's test is not Student's: the Welch-Satterthwaite degrees of freedom and the
-    two-sided p from Student's t distribution written as a regularised incomplete beta function
-    (mpmath, arbitrary precision), all from the formulas, not from scipy."""
+def welch_by_hand(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Welch's two-sided p and the Welch-Satterthwaite degrees of freedom, from the formulas:
+    t = (mean a - mean b) / sqrt(s_a^2/n_a + s_b^2/n_b), and P(|T| > t) for Student's t with df
+    degrees of freedom written as the regularised incomplete beta function I_{df/(df+t^2)}(df/2,
+    1/2) (mpmath, arbitrary precision), not scipy."""
     import mpmath
 
-    a, b = [10.0, 10.5, 9.8, 10.1], [11.0, 13.5, 12.2]
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    p = float(mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True))
+    return float(mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True)), df
+
+
+def test_welch_s_test_with_unequal_variances_and_sizes():
+    """Where Welch's test is not Student's: the Welch-Satterthwaite degrees of freedom, far from
+    Student's, and the p-value from the formulas."""
+    a, b = [10.0, 10.5, 9.8, 10.1], [11.0, 13.5, 12.2]
+    p, df = welch_by_hand(a, b)
     assert 2 < df < 3  # far from Student's len(a) + len(b) - 2 = 5
     assert replicates.welch(a, b) == pytest.approx(p, rel=1e-9)
     assert replicates.welch(b, a) == pytest.approx(p, rel=1e-9)
+
+
+# Four configurations (train.lr) with 3, 4, 2 and 3 runs, chosen so that "against the next one
+# down" and "against the best" give different calls (by welch_by_hand: A-B p = 0.097, B-C 0.13,
+# C-D 0.030, but A-C 0.019 and A-D 0.0055).
+FOUR = {
+    "A": [10.0, 10.3, 9.9],
+    "B": [10.4, 10.1, 10.8, 10.5],
+    "C": [10.8, 10.7],
+    "D": [11.6, 12.4, 11.9],
+}
+
+
+def _four_configurations() -> tuple[pd.DataFrame, pd.Series]:
+    table = pd.DataFrame(
+        [
+            {"run": f"{lr}-{seed}", "train.lr": lr, "train.seed": str(seed), "nll": value}
+            for lr, runs in FOUR.items()
+            for seed, value in enumerate(runs)
+        ]
+    )
+    return table, table["train.lr"].map(lambda lr: f"c{lr}")
+
+
+def _expected_call(a: list[float], b: list[float]) -> str:
+    p, _ = welch_by_hand(a, b)
+    return f"{'within' if p >= 0.05 else 'beyond'} the noise (p = {p:.2g})"
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_each_configuration_is_tested_against_the_next_one_down(descending):
+    """Ranked by the mean (ascending: A B C D; --descending: D C B A), and each call is Welch's
+    test against the configuration right below it, not against the best one."""
+    table, config = _four_configurations()
+    grouped = replicates.by_config(table, config, "nll", descending, ["train.lr"])
+    means = {lr: statistics.mean(runs) for lr, runs in FOUR.items()}
+    order = sorted(FOUR, key=means.get, reverse=descending)
+    assert order == (["D", "C", "B", "A"] if descending else ["A", "B", "C", "D"])
+    assert list(grouped["train.lr"]) == order, "the ranking ignores --descending"
+    expected = [_expected_call(FOUR[a], FOUR[b]) for a, b in zip(order, order[1:], strict=False)]
+    assert list(grouped["vs next"]) == [*expected, ""]
+    # The calls against the best differ from these: the test can tell the two apart.
+    best = [_expected_call(FOUR[order[0]], FOUR[b]) for b in order[1:]]
+    assert best != expected
+
+
+def test_descending_ranks_the_configurations_from_the_highest_mean(replicate_store, capsys):
+    """`make compare COMPARE_ARGS=--descending` on the hand-made replicates: the per-
+    configuration CSV from the highest IW-NLL mean down (2: 30.5, 5: 24.3, 10: 24.2)."""
+    folder, nll = replicate_store
+    report = folder / "reports" / "comparison.md"
+    args = ["--params", "unused.yaml", "--experiment", "vaelab", "--report", str(report)]
+    compare.main([*args, "--figures", str(folder / "figures"), "--descending", "--no-log"])
+    rows = list(csv.DictReader((folder / "reports" / "comparison_by_config.csv").open()))
+    means = {}
+    for (latent, _), value in nll.items():
+        means.setdefault(str(latent), []).append(value)
+    expected = sorted(means, key=lambda latent: statistics.mean(means[latent]), reverse=True)
+    assert [r["model.latent_dims"] for r in rows] == expected == ["2", "5", "10"]
+
+
+def test_each_configuration_s_band_is_drawn_from_its_own_runs():
+    """compare.config_curves, what the banded figure draws: by epoch, the mean, minimum and
+    maximum of each configuration's own runs, from hand-made histories (one run of "x" lacks
+    epoch 3; "z" has one run, so its band is its line)."""
+    histories = {
+        "x0": [(1, 30.0), (2, 25.0), (3, 22.0)],
+        "x1": [(1, 34.0), (2, 27.0)],
+        "x2": [(1, 29.0), (2, 26.0), (3, 24.0)],
+        "y0": [(1, 50.0), (2, 45.0), (3, 41.0)],
+        "y1": [(1, 54.0), (2, 44.0), (3, 43.0)],
+        "z0": [(1, 70.0), (2, 60.0), (3, 55.0)],
+    }
+    table = pd.DataFrame({"run_id": list(histories), "config": [i[0] for i in histories]})
+    grouped = pd.DataFrame({"config": ["y", "x", "z"], "runs": [2, 3, 1]})
+    curves = compare.config_curves(table, grouped, histories)
+    assert set(curves) == {"x", "y", "z"}
+    for key, curve in curves.items():
+        own = [dict(history) for run_id, history in histories.items() if run_id[0] == key]
+        for epoch in (1, 2, 3):
+            values = [run[epoch] for run in own if epoch in run]
+            assert curve.loc[epoch, "mean"] == pytest.approx(statistics.mean(values)), key
+            assert curve.loc[epoch, "min"] == min(values), key
+            assert curve.loc[epoch, "max"] == max(values), key

@@ -5,8 +5,10 @@ queue on a fake-MNIST copy of the repository."""
 from __future__ import annotations
 
 import csv
+import os
 import re
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -160,6 +162,145 @@ def test_an_experiment_that_ran_between_two_looks_is_reported_once():
     lines = progress.update({"forky-moms": "Success", "muzzy-puke": "Queued"}, 4.0)
     assert lines == ["sweep: finished forky-moms (model.latent_dims=5) within 4 s"]
     assert progress.update({"forky-moms": "Success", "muzzy-puke": "Queued"}, 8.0) == []
+
+
+class FakeStart:
+    """`dvc queue start` as Popen sees it: running for ``polls`` looks, then exited ``code``."""
+
+    def __init__(self, code: int, polls: int = 0) -> None:
+        self.code, self.polls = code, polls
+
+    def poll(self) -> int | None:
+        self.polls -= 1
+        return self.code if self.polls < 0 else None
+
+    def wait(self) -> int:
+        return self.code
+
+
+def fake_queue(monkeypatch, start: FakeStart, printed: str, statuses: list[str]):
+    """Popen gives ``start`` (its messages ``printed``), each `dvc queue status` the next of
+    ``statuses`` (the last one again when they run out), and a sweep still watching 20 looks
+    after they ran out fails the test instead of hanging it."""
+    looks = []
+
+    def popen(command, stdout, **kwargs):
+        assert command[:3] == ["dvc", "queue", "start"], command
+        stdout.write(printed)
+        return start
+
+    def dvc(*args, env=None):
+        assert args == ("queue", "status"), args
+        looks.append(args)
+        if len(looks) > len(statuses) + 20:
+            raise AssertionError(f"still watching after {len(looks) - 1} looks: it never stops")
+        return statuses[min(len(looks), len(statuses)) - 1]
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", popen)
+    monkeypatch.setattr(sweep, "_dvc", dvc)
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.0)
+    return looks
+
+
+def status(first: str, second: str, active: int, extra: str = "") -> str:
+    """`dvc queue status` as DVC 3.67.1 prints it (seen in a scratch repository)."""
+    return (
+        "Task     Name        Created    Status\n"
+        f"dd648c4  forky-moms  09:41 AM   {first}\n"
+        f"8e5b6e6  muzzy-puke  09:41 AM   {second}\n{extra}"
+        f"\nWorker status: {active} active, 0 idle\n"
+    )
+
+
+def test_a_queue_start_that_fails_stops_the_sweep_and_ends_its_parent_failed(
+    tmp_path, monkeypatch
+):
+    """`dvc queue start` exits 2 at once: the experiments stay Queued, and the sweep used to
+    watch them forever. It stops at the first look, with what the start printed."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(sweep, "queue", lambda grid, label: sweep.parse_queued(QUEUED))
+    printed = "ERROR: unexpected error - redis broker unreachable\n"
+    looks = fake_queue(monkeypatch, FakeStart(2), printed, [status("Queued", "Queued", 0)])
+    args = ["--params", str(PROJECT / "params.yaml"), "--grid", "train.seed=1,2", "--label", "s"]
+    args += ["--report", str(tmp_path / "c.md"), "--figures", str(tmp_path / "c")]
+    with pytest.raises(VaelabError, match=r"dvc queue start failed \(exit 2\).*\n.*broker"):
+        sweep.main(args)
+    assert len(looks) <= 1  # seen while watching, not after every experiment had ended
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert parent.info.status == "FAILED"
+    assert "redis broker unreachable" in parent.data.tags["mlflow.note.content"]
+
+
+def test_workers_that_never_take_the_queue_up_stop_the_sweep_after_the_bound(monkeypatch):
+    """`dvc queue start` exits 0 at once (DVC 3.67 detaches its workers) but no worker ever
+    runs an experiment: after PICKUP_SECONDS the sweep stops, naming the commands that say why."""
+    monkeypatch.setattr(sweep, "PICKUP_SECONDS", 0.05)
+    printed = "Started '0' new experiments task queue worker.\n"
+    fake_queue(monkeypatch, FakeStart(0), printed, [status("Queued", "Queued", 0)])
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.01)  # 20 looks outlast the bound
+    with pytest.raises(VaelabError) as stopped:
+        sweep.run_queue(sweep.parse_queued(QUEUED), 2)
+    message = str(stopped.value)
+    assert "2 experiments of the sweep have stayed queued" in message
+    assert "Worker status: 0 active, 0 idle" in message
+    assert "dvc queue status" in message and "dvc queue logs NAME" in message
+    assert message.endswith(printed.strip())
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    ["a start that returns at once", "a busy worker on an older experiment", "a long run"],
+)
+def test_a_queue_that_moves_is_watched_to_its_end_however_long_it_takes(monkeypatch, scenario):
+    """What must not stop a sweep, each for longer than the bound: DVC's start returning at once
+    with its workers detached while the experiments are still queued (the case commit ed9d4e7
+    found), a worker busy with an experiment queued before the sweep, an experiment running."""
+    monkeypatch.setattr(sweep, "PICKUP_SECONDS", 0.2)
+    older = "1111111  old-one     09:00 AM   Running\n"
+    waiting = {  # 20 looks of 0.02 s at least: 0.4 s, twice the bound
+        "a start that returns at once": [status("Queued", "Queued", 0)],
+        "a busy worker on an older experiment": [status("Queued", "Queued", 1, older)] * 20,
+        "a long run": [status("Running", "Queued", 1)] * 20,
+    }[scenario]
+    statuses = [*waiting, status("Running", "Running", 2), status("Success", "Success", 0)]
+    looks = fake_queue(monkeypatch, FakeStart(0), "Started '2' new workers.\n", statuses)
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+    sweep.run_queue(sweep.parse_queued(QUEUED), 2)
+    assert len(looks) == len(statuses)
+
+
+def test_a_real_queue_without_workers_stops_the_sweep(tmp_path, monkeypatch):
+    """DVC 3.67.1 itself, in a scratch repository with a one-line stage: two experiments queued,
+    `dvc queue start -j 0` (it starts no worker and exits 0), its `dvc queue status` read."""
+    env = {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_COMMITTER_NAME": "t"}
+    env |= {"GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("x: 1\n")
+    stage = {"cmd": "cp params.yaml out.txt", "params": ["x"], "outs": ["out.txt"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"copy": stage}}))
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"]):
+        subprocess.run(command, check=True)
+    subprocess.run(["git", "commit", "-qm", "scratch"], check=True)
+    queued = sweep.parse_queued(sweep._dvc("exp", "run", "--queue", "-S", "x=2,3"))
+    assert len(queued) == 2
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.2)
+    monkeypatch.setattr(sweep, "PICKUP_SECONDS", 1.0)
+    with pytest.raises(VaelabError, match=r"2 experiments .* \(Worker status: 0 active, 0 idle\)"):
+        sweep.run_queue(queued, 0)
+
+
+def test_no_workers_at_all_is_refused_before_anything_is_queued(params_file, monkeypatch):
+    monkeypatch.setattr(sweep, "start_sweep", lambda *a: pytest.fail("nothing may start"))
+    args = ["--params", str(params_file), "--report", "r.md", "--figures", "f"]
+    with pytest.raises(VaelabError, match="--jobs is 0; run at least 1"):
+        sweep.main([*args, "--grid", "train.seed=1,2", "--jobs", "0"])
 
 
 def test_a_sweep_that_cannot_queue_ends_its_parent_failed(tmp_path, monkeypatch):

@@ -13,8 +13,10 @@ writes:
 - ``<figures>/comparison_curves.png``: per-epoch test negative ELBO of every run;
 - ``<figures>/comparison_<param>.png``: ``--metric`` against each varying numeric param;
 - ``<figures>/comparison_latents.png``: the runs' latent scatters side by side;
-and logs them all to a run named "comparison" (tag ``vaelab.kind = comparison``) so they open
-from the MLflow UI. Params and metrics come from the runs themselves, not from a list here.
+and logs them all so they open from the MLflow UI: into a sweep's parent run when the runs are
+exactly its children (all of them, in any status; a parent that ended FAILED or KILLED is left as
+it is), else into a run named "comparison" (tag ``vaelab.kind = comparison``). Params and metrics
+come from the runs themselves, not from a list here.
 """
 
 from __future__ import annotations
@@ -170,6 +172,22 @@ def _label(row: pd.Series, params: list[str]) -> str:
     return f"{name} ({values})" if values else name
 
 
+def config_curves(
+    table: pd.DataFrame, grouped: pd.DataFrame, histories: dict[str, list[tuple[int, float]]]
+) -> dict[str, pd.DataFrame]:
+    """Each configuration of ``grouped`` (its runs: the rows of ``table`` with its ``config``)
+    as a frame indexed by epoch, columns ``mean``, ``min`` and ``max`` of its runs' values in
+    ``histories`` ({run id: [(epoch, value)]}); an epoch some runs lack is over the others."""
+    curves = {}
+    for key in grouped["config"]:
+        ids = table.loc[table["config"] == key, "run_id"]
+        values = pd.DataFrame({i: dict(histories[i]) for i in ids}, dtype=float).sort_index()
+        curves[key] = pd.DataFrame(
+            {"mean": values.mean(axis=1), "min": values.min(axis=1), "max": values.max(axis=1)}
+        )
+    return curves
+
+
 def plot_curves(
     table: pd.DataFrame, params: list[str], path: Path, grouped: pd.DataFrame | None = None
 ) -> None:
@@ -185,15 +203,16 @@ def plot_curves(
                 curve = zip(*histories[row["run_id"]], strict=True)
                 ax.plot(*curve, marker=".", label=_label(row, params))
     else:
+        curves = config_curves(table, grouped, histories)
+        shown = [p for p in params if p in grouped.columns][:3]
         for _, config in grouped.iterrows():
-            ids = table.loc[table["config"] == config["config"], "run_id"]
-            curves = pd.DataFrame({i: dict(histories[i]) for i in ids}).sort_index()
-            shown = [p for p in params if p in grouped.columns][:3]
+            curve = curves[config["config"]]
             values = ", ".join(f"{p.split('.')[-1]}={config[p]}" for p in shown)
             label = f"{values or config['config']} ({config['runs']} runs)"
-            (line,) = ax.plot(curves.index, curves.mean(axis=1), marker=".", label=label)
-            low, high = curves.min(axis=1), curves.max(axis=1)
-            ax.fill_between(curves.index, low, high, color=line.get_color(), alpha=0.2)
+            (line,) = ax.plot(curve.index, curve["mean"], marker=".", label=label)
+            ax.fill_between(
+                curve.index, curve["min"], curve["max"], color=line.get_color(), alpha=0.2
+            )
     title = "Test negative ELBO"
     if grouped is not None:
         title += " (mean of each configuration's runs, band: their min to max)"
@@ -308,12 +327,14 @@ def compare(
     files.append(figures / "comparison_latents.png")
     plot_latents(table, varying, files[-1])
     if log:
-        # One sweep's children, all of them: the report goes into their parent run.
-        column = runs.get("tags.mlflow.parentRunId")
-        one_parent = column is not None and column.notna().all() and column.nunique() == 1
-        parent = str(column.iloc[0]) if one_parent else None
-        run_id = log_comparison(experiment, files, list(table["run_id"]), parent)
+        # Each run's parent: the report goes into a sweep's parent run when the runs are all
+        # of its children (vaelab.tracking.comparison checks that against MLflow).
+        column = runs.get("tags.mlflow.parentRunId", pd.Series(None, index=runs.index))
+        parents = [p if isinstance(p, str) and p else None for p in column]
+        run_id, why = log_comparison(experiment, files, list(table["run_id"]), parents)
         print(f"compare: logged to MLflow run {run_id} (artifacts under comparison/)")
+        if why:
+            print(f"compare: a run of its own, not the sweep's parent: {why}")
     print(f"compare: {len(table)} runs -> {report}, {csv_path}, figures in {figures}")
     return files
 

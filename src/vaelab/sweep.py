@@ -12,7 +12,9 @@ parent run, a few at a time, watched until each has ended, then compared into th
    ``mlflow.sweep`` is the label becomes its child.
 3. ``dvc exp run --queue -S key=a,b ... -S mlflow.sweep=LABEL``: DVC's own grid, one queued
    experiment per combination; ``dvc queue start -j JOBS`` with the cores shared out.
-4. A line whenever one of them starts, finishes or fails: its name, params and time taken.
+4. A line whenever one of them starts, finishes or fails: its name, params and time taken. The
+   sweep stops with the reason (its parent run FAILED) when ``dvc queue start`` exits non-zero,
+   or when no worker takes the queued experiments up within ``PICKUP_SECONDS``.
 5. ``python -m vaelab.compare`` on exactly the sweep's runs, logged into the parent run (FAILED,
    with the reason, when an experiment failed).
 """
@@ -38,6 +40,13 @@ from vaelab.tracking.sweeps import fail_sweep, start_sweep
 
 SWEEP_KEY = "mlflow.sweep"  # set by the sweep itself: the label of its runs
 POLL_SECONDS = 5.0
+# How long the sweep's queued experiments may all stand still, after `dvc queue start` has
+# returned and with no queue worker busy, before the sweep stops. DVC 3.67's start returns at
+# once with its workers detached, so its exit 0 says nothing about them; workers that die, or
+# never start (`dvc queue start -j 0` prints "Started '0' new ... workers" and exits 0), would
+# leave the experiments Queued forever. In a scratch repository a worker took the first
+# experiment within 3 s; the bound is generous for a loaded machine.
+PICKUP_SECONDS = 180.0
 
 
 def split_values(text: str) -> list[str]:
@@ -163,6 +172,13 @@ def parse_queue_status(output: str) -> dict[str, str]:
     return statuses
 
 
+def parse_busy_workers(output: str) -> int | None:
+    """The busy workers in ``dvc queue status``'s last line, "Worker status: 1 active, 0 idle"
+    (DVC 3.67: active = running an experiment, idle = waiting); None when there is no such line."""
+    found = re.search(r"^Worker status: (\d+) active", output, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
@@ -177,6 +193,7 @@ class Progress:
         self.status = {q.name: "Queued" for q in queued}
         self.running_since: dict[str, float] = {}
         self.last_look = started
+        self.moved_at = started  # when one of them last changed status
 
     def update(self, statuses: dict[str, str], now: float) -> list[str]:
         lines = []
@@ -201,6 +218,7 @@ class Progress:
                         f"dvc queue logs {name}"
                     )
             self.status[name] = after
+            self.moved_at = now
         self.last_look = now
         return lines
 
@@ -214,15 +232,57 @@ class Progress:
         return f"{running} running, {waiting} queued, {len(values) - running - waiting} ended"
 
 
-def watch(queued: list[Queued], poll: float = POLL_SECONDS) -> Progress:
-    """Print a line whenever one of ``queued`` starts, finishes or fails, until all have ended."""
+def _output(log) -> str:
+    log.seek(0)
+    return log.read().strip() or "(nothing)"
+
+
+def watch(queued: list[Queued], workers: subprocess.Popen, log) -> Progress:
+    """Print a line whenever one of ``queued`` starts, finishes or fails, until all have ended.
+    Stops with the reason when ``workers`` (``dvc queue start``, its messages in ``log``) exits
+    non-zero, or when, after it has returned, none of ``queued`` has changed status for
+    ``PICKUP_SECONDS``, none is running and ``dvc queue status`` shows no busy worker."""
     progress = Progress(queued, time.monotonic())
     print(f"sweep: waiting for {len(queued)} experiments ({progress.counts()})", flush=True)
+    returned_at = None
     while not progress.done:
-        time.sleep(poll)
-        statuses = parse_queue_status(_dvc("queue", "status"))
-        for line in progress.update(statuses, time.monotonic()):
+        time.sleep(POLL_SECONDS)
+        # Polled while watching: a start that failed leaves every experiment Queued, and the
+        # queue's status alone would be watched forever.
+        code = workers.poll()
+        if code is not None and code != 0:
+            raise VaelabError(
+                f"sweep: dvc queue start failed (exit {code}), so no experiment of the sweep "
+                f"will run; it printed:\n{_output(log)}"
+            )
+        output = _dvc("queue", "status")
+        now = time.monotonic()
+        for line in progress.update(parse_queue_status(output), now):
             print(f"{line}  [{progress.counts()}]", flush=True)
+        if code is not None and returned_at is None:
+            returned_at = now
+        # A worker busy with another experiment of the queue (one queued before the sweep) will
+        # come to the sweep's; without a "Worker status" line the bound alone decides.
+        busy = parse_busy_workers(output)
+        if (
+            returned_at is not None
+            and "Running" not in progress.status.values()
+            and not busy
+            and now - max(returned_at, progress.moved_at) >= PICKUP_SECONDS
+        ):
+            waiting = list(progress.status.values()).count("Queued")
+            shown = next(
+                (line for line in output.splitlines() if line.startswith("Worker status")),
+                "no worker status line",
+            )
+            raise VaelabError(
+                f"sweep: {waiting} experiments of the sweep have stayed queued for "
+                f"{_duration(now - max(returned_at, progress.moved_at))} with no queue worker "
+                f"busy ({shown}) since dvc queue start returned; see why with dvc queue status "
+                f"and dvc queue logs NAME, then start the workers again with dvc queue start, "
+                f"or drop every queued experiment with dvc queue remove --queued. dvc queue start "
+                f"printed:\n{_output(log)}"
+            )
     return progress
 
 
@@ -260,16 +320,18 @@ def run_queue(queued: list[Queued], jobs: int) -> None:
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
     # `dvc queue start` (DVC 3.67) may return at once, its workers detached ("Started '2' new
     # experiments task queue workers."), or once they have emptied the queue: either way the
-    # queue's own status says when every experiment has ended, so that is what is watched. Its
-    # messages go to a file, which a pipe nobody reads could not take.
+    # queue's own status says when every experiment has ended, so that is what is watched, with
+    # the start's exit status polled meanwhile (see watch). Its messages go to a file, which a
+    # pipe nobody reads could not take.
     with tempfile.TemporaryFile("w+") as log:
         workers = subprocess.Popen(
             ["dvc", "queue", "start", "-j", str(jobs)], env=env, stdout=log, stderr=log
         )
-        watch(queued)
-        if workers.wait() != 0:
-            log.seek(0)
-            raise VaelabError(f"sweep: dvc queue start failed:\n{log.read()}")
+        watch(queued, workers, log)
+        # Every experiment has ended; a start still in the foreground ends with its workers.
+        code = workers.wait()
+        if code != 0:
+            raise VaelabError(f"sweep: dvc queue start failed (exit {code}):\n{_output(log)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="experiments run at a time")
     parser.add_argument("--max", type=int, default=64, help="the most combinations to queue")
     args = parser.parse_args(argv)
+    if args.jobs < 1:  # DVC would start no worker, exit 0, and leave the queue waiting
+        raise VaelabError(f"sweep: --jobs is {args.jobs}; run at least 1 experiment at a time")
     grid = parse_grid(args.grid)
     count = check_grid(args.params, grid, args.max)
     label = args.label or default_label(grid)
