@@ -271,3 +271,81 @@ def test_each_configuration_s_band_is_drawn_from_its_own_runs():
             assert curve.loc[epoch, "mean"] == pytest.approx(statistics.mean(values)), key
             assert curve.loc[epoch, "min"] == min(values), key
             assert curve.loc[epoch, "max"] == max(values), key
+
+
+# Two configurations with a validation split whose validation and test numbers rank them in
+# opposite orders (A is better on validation, B on test), and one without a validation split
+# (C: data.validation 0) whose test numbers beat both.
+CHOOSING = {
+    "A": {"lr": "0.001", "validation": "10000", "val": [80.0, 80.4, 80.2], "test": [90.0, 90.5]},
+    "B": {"lr": "0.002", "validation": "10000", "val": [81.0, 81.5, 81.1], "test": [85.0, 85.3]},
+    "C": {"lr": "0.003", "validation": "0", "val": [], "test": [70.2, 70.0]},
+}
+
+
+@pytest.fixture
+def choosing_store(private_store):
+    """The runs of ``CHOOSING`` (A and B: three seeds, the third with a test number of
+    test[0] + 0.1; C: two seeds) in a private store, with the evaluation metrics a run has and
+    per-epoch held-out curves (epoch/val/* with a validation split, epoch/test/* without)."""
+    from mlflow.entities import Metric, Param
+
+    from vaelab.tracking.store import connect
+
+    client, experiment_id = connect("vaelab")
+    for name, spec in CHOOSING.items():
+        seeds = max(len(spec["val"]), len(spec["test"]))
+        for seed in range(seeds):
+            run_id = client.create_run(experiment_id, run_name=f"{name}{seed}").info.run_id
+            params = {"train.lr": spec["lr"], "train.seed": str(seed)}
+            params["data.validation"] = spec["validation"]
+            test = spec["test"][seed] if seed < len(spec["test"]) else spec["test"][0] + 0.1
+            metrics = [Metric("eval/test_iw/nll", test, 0, 2), Metric("eval/test/kl", 3.0, 0, 2)]
+            split = "val" if spec["val"] else "test"
+            if spec["val"]:
+                metrics += [Metric("eval/val_iw/nll", spec["val"][seed], 0, 2)]
+                metrics += [Metric("eval/val/neg_elbo", spec["val"][seed] - 60, 0, 2)]
+            metrics += [Metric(f"epoch/{split}/neg_elbo", 50.0 - e, 0, e) for e in (1, 2)]
+            metrics += [Metric("epoch_seconds", 2.0, 0, e) for e in (1, 2)]
+            client.log_batch(run_id, [*metrics], [Param(k, v) for k, v in params.items()])
+            client.set_terminated(run_id, "FINISHED")
+    return private_store
+
+
+def test_validation_ranks_the_configurations_and_test_is_only_reported(choosing_store):
+    folder = choosing_store
+    report = folder / "reports" / "comparison.md"
+    compare.compare("vaelab", report, folder / "figures", log=False)
+    rows = list(csv.DictReader(report.with_name("comparison_by_config.csv").open()))
+    assert [r["train.lr"] for r in rows] == ["0.001", "0.002", "0.003"]  # A, B, then C
+    assert [r["ranked_by"] for r in rows] == ["eval/val_iw/nll"] * 2 + ["eval/test_iw/nll"]
+    p, _ = welch_by_hand(CHOOSING["A"]["val"], CHOOSING["B"]["val"])
+    assert rows[0]["vs next"] == f"{'within' if p >= 0.05 else 'beyond'} the noise (p = {p:.2g})"
+    assert rows[1]["vs next"] == "not comparable (eval/val_iw/nll against eval/test_iw/nll)"
+    runs = list(csv.DictReader(report.with_suffix(".csv").open()))
+    # Per run: A's by validation, then B's, then C's by test, however good C's test numbers.
+    assert [r["run"] for r in runs] == ["A0", "A2", "A1", "B0", "B2", "B1", "C1", "C0"]
+    assert "eval/test/kl" in runs[0]  # the CSV keeps every column
+    text = report.read_text()
+    assert "6 runs have a validation split and are ranked first" in text
+    assert "the 2 without one (`data.validation: 0`) follow" in text
+    assert "| run | eval/val_iw/nll | eval/test_iw/nll (reported) | data.validation |" in text
+    assert "| config | runs | data.validation | train.lr | eval/val_iw/nll | " in text
+    assert "eval/test/kl" not in text  # the markdown shows a few columns to read
+    histories, keys = compare.heldout_histories([r["run_id"] for r in runs])
+    assert [keys[r["run_id"]] for r in runs] == ["epoch/val/neg_elbo"] * 6 + [
+        "epoch/test/neg_elbo"
+    ] * 2
+    assert histories[runs[0]["run_id"]] == [(1, 49.0), (2, 48.0)]
+
+
+def test_without_any_validation_split_the_report_says_the_test_set_chose(choosing_store):
+    folder = choosing_store
+    report = folder / "reports" / "comparison.md"
+    runs = compare.find_runs("vaelab", "params.`data.validation` = '0'")
+    compare.compare("vaelab", report, folder / "figures", run_ids=list(runs["run_id"]), log=False)
+    text = report.read_text()
+    assert "Ranked by the test set's `eval/test_iw/nll`: these runs have no validation split" in (
+        text
+    )
+    assert [r["run"] for r in csv.DictReader(report.with_suffix(".csv").open())] == ["C1", "C0"]

@@ -33,25 +33,46 @@ import pandas as pd
 from vaelab import params as params_mod
 from vaelab import replicates
 from vaelab.errors import VaelabError, run_stage
+from vaelab.ranking import RANK_METRIC, Ranking, rank
 from vaelab.tracking.comparison import log_comparison
-from vaelab.tracking.queries import RANK_METRIC, download_artifact, find_runs, metric_history
+from vaelab.tracking.queries import download_artifact, find_runs, metric_history
 from vaelab.tracking.sweeps import fail_sweep
 
-# Per-epoch metrics (their last value is the final one) and evaluation metrics, in table order;
-# a column appears only when some selected run has it.
-# (The ranking metric is always shown too.)
+# The CSV's metric columns: per-epoch metrics (their last value is the final one) and evaluation
+# metrics, in table order; a column appears only when some selected run has it. (The ranking
+# metric and its test-set twin come first.)
 METRIC_PREFIXES = (
     "epoch/train/neg_elbo",
+    "epoch/val/neg_elbo",
+    "epoch/val/recon",
+    "epoch/val/kl",
     "epoch/test/neg_elbo",
     "epoch/test/recon",
     "epoch/test/kl",
+    "train.best_epoch",
+    "eval/val/",
+    "eval/val_iw/",
+    "eval/val_latent/",
     "eval/test/",
     "eval/test_iw/",
     "eval/latent/active_units",
     "eval/latent/probe_accuracy",
 )
-CURVE_METRIC = "epoch/test/neg_elbo"
+# The markdown tables are for reading: after the ranking metric and its test-set twin, these
+# few, where some run has them (the CSVs keep every column). The validation ELBO is what the
+# curves show; the probe and the active units say what the latent space holds; the best epoch
+# says whether training had finished improving; the epoch time is the price.
+READ_COLUMNS = (
+    "eval/val/neg_elbo",
+    "eval/val_latent/probe_accuracy",
+    "eval/latent/active_units",
+    "train.best_epoch",
+    "epoch_seconds",
+)
+# The per-epoch curve: the validation split's, the test set's for a run without one.
+CURVE_METRICS = ("epoch/val/neg_elbo", "epoch/test/neg_elbo")
 DEFAULT_METRIC = RANK_METRIC  # also make register's
+RANKED_BY, RANK_VALUE = "ranked_by", "rank_value"  # the per-run table's ranking columns
 
 
 def varying_and_constant(runs: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
@@ -67,9 +88,11 @@ def varying_and_constant(runs: pd.DataFrame) -> tuple[list[str], dict[str, str]]
     return varying, constant
 
 
-def metric_columns(runs: pd.DataFrame, metric: str | None = None) -> list[str]:
+def metric_columns(
+    runs: pd.DataFrame, metric: str | None = None, twin: str | None = None
+) -> list[str]:
     present = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
-    chosen = [metric] if metric in present else []
+    chosen = [m for m in (metric, twin) if m in present]
     for prefix in METRIC_PREFIXES:
         chosen += sorted(
             m
@@ -89,10 +112,13 @@ def _number(text: str) -> float | None:
 
 def build_table(
     runs: pd.DataFrame, metric: str, descending: bool
-) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
-    """The comparison table (one row per run, sorted by ``metric``), the names of the params
-    that vary (its param columns) and the constant params with their one value."""
-    if f"metrics.{metric}" not in runs.columns or runs[f"metrics.{metric}"].isna().all():
+) -> tuple[pd.DataFrame, list[str], dict[str, str], Ranking]:
+    """The comparison table (one row per run, best first by ``vaelab.ranking``: ``metric``, its
+    test-set twin for runs without a validation split, after the others), the names of the
+    params that vary (its param columns), the constant params with their one value, and the
+    ranking. ``ranked_by``/``rank_value``: the metric each run is ranked by and its value."""
+    ranking = rank(runs, metric)
+    if ranking.value.isna().all():
         available = (
             ", ".join(
                 sorted(
@@ -101,8 +127,9 @@ def build_table(
             )
             or "none"
         )
+        twin = f" (nor its test-set twin '{ranking.twin}')" if ranking.twin else ""
         raise VaelabError(
-            f"no selected run has the metric '{metric}'; choose --metric from: {available}."
+            f"no selected run has the metric '{metric}'{twin}; choose --metric from: {available}."
         )
     varying, constant = varying_and_constant(runs)
 
@@ -119,14 +146,18 @@ def build_table(
     )
     for name in varying:
         table[name] = runs[f"params.{name}"]
-    for name in metric_columns(runs, metric):
+    for name in metric_columns(runs, metric, ranking.twin):
         table[name] = runs[f"metrics.{name}"]
     table["epoch_seconds"] = [
         pd.Series([v for _, v in metric_history(run_id, "epoch_seconds")]).median()
         for run_id in runs["run_id"]
     ]
-    table = table.sort_values(metric, ascending=not descending, na_position="last")
-    return table.reset_index(drop=True), varying, constant
+    table[RANKED_BY] = ranking.split.map({"val": metric, "test": ranking.twin, "": metric}).where(
+        ranking.value.notna(), ""
+    )
+    table[RANK_VALUE] = ranking.value
+    table = table.loc[ranking.order(descending)]
+    return table.reset_index(drop=True), varying, constant, ranking
 
 
 def _cell(value: object, counts: bool) -> str:
@@ -139,18 +170,39 @@ def _cell(value: object, counts: bool) -> str:
     return "(unset)" if value is None else str(value).replace("|", "\\|")
 
 
-def markdown(table: pd.DataFrame, constant: dict[str, str], title: str, metric: str) -> str:
+def reported(twin: str | None) -> str:
+    """The header of the test-set twin's column: shown, not used to choose."""
+    return f"{twin} (reported)"
+
+
+def read_columns(table: pd.DataFrame, ranking: Ranking, varying: list[str]) -> list[str]:
+    """The per-run markdown's columns: the run, the ranking metric, its test-set twin, the
+    varying params, ``READ_COLUMNS`` (those some run has), the commit."""
+    lead = [c for c in (ranking.metric, ranking.twin) if c in table.columns]
+    read = [c for c in READ_COLUMNS if c in table.columns and c not in lead]
+    return ["run", *lead, *varying, *read, "commit"]
+
+
+def markdown(
+    table: pd.DataFrame,
+    constant: dict[str, str],
+    title: str,
+    ranking: Ranking,
+    shown: list[str],
+) -> str:
+    """The per-run table: ``shown`` columns (``read_columns``), ranked as ``ranking`` says."""
     lines = [
         f"# {title}",
         "",
-        f"{len(table)} runs, sorted by `{metric}`. Losses in nats per "
-        "image; `epoch_seconds` is the median training time of an epoch.",
+        f"{len(table)} runs, best first. {ranking.note} Losses in nats per image; "
+        "`epoch_seconds` is the median training time of an epoch. Every column (each run's "
+        "DVC experiment and every metric) is in the CSV beside this file.",
         "",
     ]
     if constant:
         lines += ["Same in every run: " + ", ".join(f"`{k}={v}`" for k, v in constant.items()), ""]
-    shown = [c for c in table.columns if c != "run_id"]
-    lines.append("| " + " | ".join(shown) + " |")
+    headers = [reported(c) if c == ranking.twin else c for c in shown]
+    lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "---|" * len(shown))
     counts = {
         c: pd.api.types.is_float_dtype(table[c]) and bool((table[c].dropna() % 1 == 0).all())
@@ -188,15 +240,32 @@ def config_curves(
     return curves
 
 
+def heldout_histories(
+    run_ids: list[str],
+) -> tuple[dict[str, list[tuple[int, float]]], dict[str, str]]:
+    """Each run's per-epoch held-out negative ELBO, [(epoch, value)], and the metric it is: the
+    validation split's, the test set's for a run without one (``CURVE_METRICS``)."""
+    histories, keys = {}, {}
+    for run_id in run_ids:
+        for key in CURVE_METRICS:
+            histories[run_id] = metric_history(run_id, key)
+            if histories[run_id]:
+                keys[run_id] = key
+                break
+    return histories, keys
+
+
 def plot_curves(
     table: pd.DataFrame, params: list[str], path: Path, grouped: pd.DataFrame | None = None
 ) -> None:
-    """The test negative ELBO per epoch of every run; with ``grouped`` (seed replicates), each
-    configuration's mean over its runs with a band from their minimum to their maximum."""
+    """The held-out negative ELBO per epoch of every run (the validation split's; the test
+    set's for a run without one); with ``grouped`` (seed replicates), each configuration's mean
+    over its runs with a band from their minimum to their maximum."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    histories = {run_id: metric_history(run_id, CURVE_METRIC) for run_id in table["run_id"]}
+    histories, keys = heldout_histories(list(table["run_id"]))
+    used = set(keys.values())
     if grouped is None:
         for _, row in table.iterrows():
             if histories[row["run_id"]]:
@@ -213,10 +282,15 @@ def plot_curves(
             ax.fill_between(
                 curve.index, curve["min"], curve["max"], color=line.get_color(), alpha=0.2
             )
-    title = "Test negative ELBO"
+    val, test = CURVE_METRICS
+    title = {
+        frozenset({val}): "Validation negative ELBO",
+        frozenset({test}): "Test negative ELBO (no validation split)",
+    }.get(frozenset(used), "Validation (test without a split) negative ELBO")
     if grouped is not None:
-        title += " (mean of each configuration's runs, band: their min to max)"
-    ax.set(xlabel="epoch", ylabel=f"{CURVE_METRIC} (nats/image)", title=title)
+        title += "\n(mean of each configuration's runs, band: their min to max)"
+    ylabel = " / ".join(k for k in CURVE_METRICS if k in used) or CURVE_METRICS[0]
+    ax.set(xlabel="epoch", ylabel=f"{ylabel} (nats/image)", title=title)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -225,7 +299,9 @@ def plot_curves(
 
 
 def plot_against_params(table: pd.DataFrame, params: list[str], metric: str, folder: Path):
-    """One figure per varying param whose values are all numbers; returns the files."""
+    """One figure per varying param whose values are all numbers, against each run's ranking
+    value (``metric``, its test-set twin for a run without a validation split); returns the
+    files."""
     import matplotlib.pyplot as plt
 
     written = []
@@ -234,8 +310,8 @@ def plot_against_params(table: pd.DataFrame, params: list[str], metric: str, fol
         if any(x is None for x in xs):
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        ax.plot(xs, table[metric], "o")
-        for x, y, label in zip(xs, table[metric], table["run"], strict=True):
+        ax.plot(xs, table[RANK_VALUE], "o")
+        for x, y, label in zip(xs, table[RANK_VALUE], table["run"], strict=True):
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log")
@@ -244,6 +320,8 @@ def plot_against_params(table: pd.DataFrame, params: list[str], metric: str, fol
         if len(values) <= 12:  # label the values the runs have, not powers of ten
             ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.set(xlabel=name, ylabel=metric, title=f"{metric} vs {name}")
+        if table[RANKED_BY].nunique() > 1:  # some runs ranked by the test-set twin
+            ax.set_ylabel(f"{metric} (test-set twin without a validation split)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = folder / f"comparison_{_safe(name)}.png"
@@ -300,20 +378,24 @@ def compare(
             f"expected {expect_runs} FINISHED runs matching {filter_string!r}, found {len(runs)}: "
             "an experiment failed or is still running; see dvc queue status / dvc queue logs."
         )
-    table, varying, constant = build_table(runs, metric, descending)
+    table, varying, constant, ranking = build_table(runs, metric, descending)
     report.parent.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     title = f"Comparison: experiment `{experiment}`" + (
         f", `{filter_string}`" if filter_string else ""
     )
-    text, csv_path = markdown(table, constant, title, metric), report.with_suffix(".csv")
+    shown = read_columns(table, ranking, varying)
+    text = markdown(table, constant, title, ranking, shown)
+    csv_path = report.with_suffix(".csv")
     by_config_path = report.with_name(f"{report.stem}_by_config.csv")
     config = replicates.configs(runs).set_axis(runs["run_id"]).reindex(table["run_id"])
     grouped = None
     if replicates.replicated(config):  # seed replicates: the per-configuration table first
         grouped = replicates.by_config(table, config, metric, descending, varying)
-        shown = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
-        text = replicates.markdown(grouped, shown, varying, metric) + "\n" + text
+        numbers = [
+            c for c in shown if c in table.columns and pd.api.types.is_numeric_dtype(table[c])
+        ]
+        text = replicates.markdown(grouped, numbers, varying, ranking) + "\n" + text
         table.insert(1, "config", config.to_numpy())
         grouped.to_csv(by_config_path, index=False)
     else:

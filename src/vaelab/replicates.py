@@ -17,6 +17,7 @@ import math
 import pandas as pd
 
 from vaelab.params import config_id, is_config_key
+from vaelab.ranking import Ranking, rank
 
 NOISE_TEST = "Welch's t-test"
 ALPHA = 0.05
@@ -62,27 +63,50 @@ def by_config(
     table: pd.DataFrame, config: pd.Series, metric: str, descending: bool, varying: list[str]
 ) -> pd.DataFrame:
     """One row per configuration of the per-run ``table`` (its runs in the order of
-    ``config``): ``config``, ``runs``, the params in ``varying`` that are configuration keys,
-    then ``<column> mean`` and ``<column> sd`` (sample sd, n - 1; NaN for one run) for every
-    numeric column; ranked by ``metric``'s mean; ``vs next``: the noise call against the next
-    configuration down the ranking."""
+    ``config``; its ``ranked_by``/``rank_value`` columns say what each run is ranked by,
+    ``vaelab.compare.build_table``): ``config``, ``runs``, the params in ``varying`` that are
+    configuration keys, ``ranked_by``, then ``<column> mean`` and ``<column> sd`` (sample sd,
+    n - 1; NaN for one run) for every numeric column; ranked by the mean of ``rank_value``
+    (``metric`` itself in a table without it)
+    (lowest first, highest with ``descending``), the configurations ranked by another metric
+    than ``metric`` (its test-set twin: no validation split) after the others; ``vs next``: the
+    noise call against the next configuration down the ranking."""
     table = table.assign(config=config.to_numpy())
-    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    if "rank_value" not in table.columns:  # a table ranked by ``metric`` alone
+        table = table.assign(ranked_by=metric, rank_value=table[metric])
+    numeric = [
+        c for c in table.columns if pd.api.types.is_numeric_dtype(table[c]) and c != "rank_value"
+    ]
     params = [p for p in varying if is_config_key(p)]
     rows, values = [], {}
     for key, runs in table.groupby("config", sort=False):
         row = {"config": key, "runs": len(runs)}
         row |= {p: runs[p].iloc[0] for p in params}
+        # One configuration, one validation split (data.validation is a configuration key).
+        row["ranked_by"] = runs["ranked_by"].iloc[0]
         for column in numeric:
             row[f"{column} mean"] = runs[column].mean()
             row[f"{column} sd"] = runs[column].std(ddof=1) if len(runs) > 1 else math.nan
         rows.append(row)
-        values[key] = runs[metric].dropna().tolist()
-    grouped = pd.DataFrame(rows).sort_values(
-        f"{metric} mean", ascending=not descending, kind="stable"
+        values[key] = runs["rank_value"].dropna().tolist()
+    grouped = pd.DataFrame(rows)
+    # Each configuration's mean of what its runs are ranked by (its ranked_by column's).
+    mean = pd.Series(
+        [pd.Series(values[k], dtype=float).mean() for k in grouped["config"]],
+        index=grouped.index,
     )
+    # 0: ranked by ``metric``, 1: by its twin (not comparable with it), 2: by nothing.
+    group = (grouped["ranked_by"] != metric).astype(int).mask(mean.isna(), 2)
+    key = pd.DataFrame({"group": group, "value": -mean if descending else mean})
+    grouped = grouped.loc[key.sort_values(["group", "value"], kind="stable").index]
     keys = list(grouped["config"])
-    calls = [noise_call(welch(values[a], values[b])) for a, b in zip(keys, keys[1:], strict=False)]
+    metrics = dict(zip(grouped["config"], grouped["ranked_by"], strict=True))
+    calls = [
+        noise_call(welch(values[a], values[b]))
+        if metrics[a] == metrics[b]
+        else f"not comparable ({metrics[a]} against {metrics[b]})"
+        for a, b in zip(keys, keys[1:], strict=False)
+    ]
     grouped["vs next"] = [*calls, ""]
     return grouped.reset_index(drop=True)
 
@@ -99,24 +123,34 @@ def _mean_sd(row: pd.Series, column: str) -> str:
     return f"{mean:.{places}f} ± {sd:.{places}f}"
 
 
-def markdown(grouped: pd.DataFrame, metrics: list[str], params: list[str], metric: str) -> str:
-    """The per-configuration table: mean ± sd over each configuration's runs."""
+def markdown(
+    grouped: pd.DataFrame, metrics: list[str], params: list[str], ranking: Ranking | str
+) -> str:
+    """The per-configuration table: mean ± sd over each configuration's runs of ``metrics``
+    (the ranking metric and its test-set twin first, then a few to read), ranked as
+    ``ranking`` says (a ``vaelab.ranking.Ranking``, or the name of the one metric)."""
+    if isinstance(ranking, str):
+        ranking = rank(pd.DataFrame(), ranking)
+    metric, twin = ranking.metric, ranking.twin
     lines = [
         "## By configuration",
         "",
         f"{len(grouped)} configurations (runs equal but for seeds and bookkeeping keys; their "
-        "`vaelab.config` tag), ranked by the mean of "
-        f"`{metric}`; each cell is the mean ± the sample standard deviation over the "
+        "`vaelab.config` tag), best first by the mean of the metric each is ranked by. "
+        f"{ranking.note} Each cell is the mean ± the sample standard deviation over the "
         f"configuration's runs. `vs next`: {NOISE_TEST} (two-sided, alpha = {ALPHA}) of "
-        f"`{metric}` against the next configuration down.",
+        "that metric against the next configuration down.",
         "",
     ]
     params = [p for p in params if p in grouped.columns]
-    shown = ["config", "runs", *params, *metrics, "vs next"]
-    lines.append("| " + " | ".join(shown) + " |")
-    lines.append("|" + "---|" * len(shown))
+    lead = [m for m in (metric, twin) if m in metrics]
+    rest = [m for m in metrics if m not in lead]
+    headers = [f"{twin} (reported)" if m == twin else m for m in lead]
+    lines.append("| " + " | ".join(["config", "runs", *params, *headers, "vs next", *rest]) + " |")
+    lines.append("|" + "---|" * (3 + len(params) + len(lead) + len(rest)))
     for _, row in grouped.iterrows():
         cells = [row["config"], str(row["runs"]), *(str(row[p]) for p in params)]
-        cells += [_mean_sd(row, m) for m in metrics]
-        lines.append("| " + " | ".join([*cells, row["vs next"]]) + " |")
+        cells += [_mean_sd(row, m) for m in lead]
+        cells += [row["vs next"], *(_mean_sd(row, m) for m in rest)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
