@@ -21,6 +21,7 @@ from tests.conftest import N_TEST, N_TRAIN, N_VAL, write_fake_mnist
 from vaelab import training
 from vaelab.data import hold_out, load_split, prepare_custom, training_data
 from vaelab.errors import VaelabError
+from vaelab.params import load as parse_params
 from vaelab.params import parse
 
 CPU = torch.device("cpu")
@@ -273,6 +274,7 @@ import torch
 import torch.distributed as dist
 from vaelab import distributed, training
 from vaelab.data import training_data
+from vaelab.params import load as parse_params
 from vaelab.params import parse
 
 rank, store, data_dir, raw, checkpoint, resume_after = sys.argv[1:7]
@@ -339,3 +341,40 @@ def test_two_ranks_resumed_mid_patience_stop_at_the_same_epoch_with_the_same_wei
     lines = dict(line.split(" ", 1) for line in outputs[0][0].splitlines())
     assert lines["whole"].split()[0] == "7"  # stopped where the curve says, on both ranks
     assert lines["resumed"] == lines["whole"]
+
+
+def test_the_train_stage_reads_no_test_image_and_logs_the_best_epoch_and_why_it_stopped(
+    tmp_path, fake_data_dir, monkeypatch
+):
+    """The stage with a validation split, the test files deleted: it trains, logs epoch/val/*
+    and train.best_epoch every epoch, the validation split as a dataset input, and why training
+    ended. The history's held-out columns are the validation split's."""
+    from tests.test_faults import client, train_args, write_params
+    from vaelab import history, train
+
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (fake_data_dir / "raw" / name).unlink()
+    store = tmp_path / "store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    params = write_params(tmp_path / "params.yaml", epochs=3, patience=2, keep="best")
+    train.main(train_args(params, fake_data_dir, tmp_path))
+
+    rows = history.read(tmp_path / "history.csv")
+    assert list(rows[0]) == list(history.columns("val"))
+    (run,) = client(store).search_runs(
+        [client(store).get_experiment_by_name("vaelab").experiment_id]
+    )
+    steps = client(store).get_metric_history(run.info.run_id, "train.best_epoch")
+    assert sorted((m.step, m.value) for m in steps) == [
+        (r["epoch"], r["train.best_epoch"]) for r in rows
+    ]
+    assert mlflow.get_metric_history(run.info.run_id, "epoch/test/neg_elbo") == []
+    assert run.data.tags["vaelab.stopped"] == training.stop_reason(rows, parse_params(params))
+    assert run.data.tags["vaelab.kept"] == "best"
+    contexts = {i.tags[0].value: i.dataset.name for i in run.inputs.dataset_inputs}
+    assert contexts == {
+        "training": f"custom train[0:{N_TRAIN}]",
+        "validation": f"custom validation[{N_TRAIN}:{N_TRAIN + N_VAL}]",
+        "test": "custom test",
+    }
+    assert run.data.params["data.validation"] == str(N_VAL)
