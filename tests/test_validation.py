@@ -361,10 +361,9 @@ def test_the_train_stage_reads_no_test_image_and_logs_the_best_epoch_and_why_it_
 
     rows = history.read(tmp_path / "history.csv")
     assert list(rows[0]) == list(history.columns("val"))
-    (run,) = client(store).search_runs(
-        [client(store).get_experiment_by_name("vaelab").experiment_id]
-    )
-    steps = client(store).get_metric_history(run.info.run_id, "train.best_epoch")
+    mlflow = client(store)
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("vaelab").experiment_id])
+    steps = mlflow.get_metric_history(run.info.run_id, "train.best_epoch")
     assert sorted((m.step, m.value) for m in steps) == [
         (r["epoch"], r["train.best_epoch"]) for r in rows
     ]
