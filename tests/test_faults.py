@@ -239,11 +239,10 @@ def test_a_checkpoint_that_is_not_tensors_is_refused_and_kept(tmp_path, fake_dat
 
 
 def test_divergence_stops_naming_epoch_and_step(tmp_path, fake_data_dir, tiny_params):
-    from vaelab.data import load_split
+    from vaelab.data import training_data
 
     huge = dataclasses.replace(tiny_params, train=dataclasses.replace(tiny_params.train, lr=1e30))
-    train_x, _ = load_split(fake_data_dir, train=True)
-    test_x, _ = load_split(fake_data_dir, train=False)
+    train_x, test_x = training_data(fake_data_dir, tiny_params.data.validation)
     states = []
     with pytest.raises(VaelabError, match=r"NaN or infinite at epoch 1, step 2 of 11: "):
         train_model(huge, train_x, test_x, device=torch.device("cpu"), on_state=states.append)
@@ -254,12 +253,13 @@ def test_divergence_in_the_last_step_of_an_epoch_is_caught(fake_data_dir, tiny_p
     """One batch per epoch: the only step's loss is computed before its update, so the broken
     model shows in no loss of the epoch; the epoch must still end in the divergence error, not
     in a saved model that outputs NaN."""
-    from vaelab.data import load_split
+    from vaelab.data import training_data
 
-    train_x, _ = load_split(fake_data_dir, train=True)
-    test_x, _ = load_split(fake_data_dir, train=False)
+    train_x, test_x = training_data(fake_data_dir, tiny_params.data.validation)
     one_step = dataclasses.replace(tiny_params.train, lr=1e30, batch_size=len(train_x), epochs=1)
-    with pytest.raises(VaelabError, match=r"test ELBO became NaN or infinite after epoch 1: "):
+    with pytest.raises(
+        VaelabError, match=r"validation ELBO became NaN or infinite after epoch 1: "
+    ):
         train_model(
             dataclasses.replace(tiny_params, train=one_step),
             train_x,
@@ -419,7 +419,7 @@ def _another_value(value):
         return [_another_value(value[0]), *value[1:]]
     return {"none": "dynamic", "bernoulli": "gaussian", "elbo": "iwae", "constant": "burda"}.get(
         value,
-        {"mlp": "conv", "relu": "tanh", "zero": "data_mean", "cpu": "auto"}.get(
+        {"mlp": "conv", "relu": "tanh", "zero": "data_mean", "cpu": "auto", "last": "best"}.get(
             value, f"{value}-other"
         ),
     )

@@ -29,9 +29,9 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import N_TEST, N_TRAIN, PROJECT, TINY, write_fake_mnist
+from tests.conftest import N_TEST, N_TRAIN, N_VAL, PROJECT, TINY, write_fake_mnist
 from vaelab import params as params_mod
-from vaelab.history import METRICS as PER_EPOCH
+from vaelab.history import metrics as history_metrics
 from vaelab.plot import FIGURES
 from vaelab.tracking.record import COUNTS
 
@@ -41,6 +41,9 @@ EXPERIMENT = "vaelab"
 # their shared fixtures once.
 pytestmark = pytest.mark.xdist_group("reproduced")
 EVAL_METRICS = [
+    "eval/val/neg_elbo",
+    "eval/val_iw/nll",
+    "eval/val_latent/probe_accuracy",
     "eval/test/neg_elbo",
     "eval/test/recon",
     "eval/test/kl",
@@ -132,7 +135,8 @@ def assert_complete(repo: Path, run_, params_file: Path) -> None:
     expected = {k: str(v) for k, v in params_mod.flatten(params_mod.load(params_file)).items()}
     assert run_.data.params == expected
     epochs = int(expected["train.epochs"])
-    for key in PER_EPOCH:
+    split = "val" if int(expected["data.validation"]) else "test"
+    for key in history_metrics(split):
         history = client.get_metric_history(run_.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), key
     for key in EVAL_METRICS:
@@ -156,14 +160,16 @@ def assert_complete(repo: Path, run_, params_file: Path) -> None:
     )
     assert tags["eval.images.train"] == tags["train.images_per_epoch"] == str(N_TRAIN)
     assert tags["eval.images.test"] == str(N_TEST)
+    assert tags["eval.images.val"] == str(N_VAL)
     # Named after the source and split (and the binarisation, where there is one).
     contexts = {
         i.dataset.name.split(" (")[0]: {t.key: t.value for t in i.tags}
         for i in run_.inputs.dataset_inputs
     }
     assert {name: tags_["mlflow.data.context"] for name, tags_ in contexts.items()} == {
-        "custom train": "training",
-        "custom test": "evaluation",
+        f"custom train[0:{N_TRAIN}]": "training",
+        f"custom validation[{N_TRAIN}:{N_TRAIN + N_VAL}]": "validation",
+        "custom test": "test",
     }
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"].startswith("src/")
     assert tags["mlflow.source.git.commit"] == tags["git.commit"] and tags["mlflow.user"]

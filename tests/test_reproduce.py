@@ -124,8 +124,9 @@ def test_a_run_from_uncommitted_code_comes_out_identical_and_both_runs_say_so(re
     compared = comparison_of(repo, new.info.run_id)
     assert compared["verdict"] == "identical"
     assert set(compared["max_abs_difference"].values()) == {0.0}
-    assert "epoch/test/neg_elbo" in compared["max_abs_difference"]
+    assert "epoch/val/neg_elbo" in compared["max_abs_difference"]
     assert "eval/test_iw/nll" in compared["max_abs_difference"]
+    assert "eval/val_iw/nll" in compared["max_abs_difference"]
     weights = compared["weights_sha256"]
     assert weights["original"] == weights["reproduction"]
     # Computed independently: the same weights file bytes give the same tensors' digest.

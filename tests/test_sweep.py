@@ -367,7 +367,7 @@ def test_a_queued_grid_is_a_parent_run_with_a_child_per_combination_grouped_by_c
     for row in rows:
         pair = by_latent[row["model.latent_dims"]]
         assert row["runs"] == "2" and row["config"] == pair[0].data.tags["vaelab.config"]
-        for metric in ("eval/test_iw/nll", "eval/test/neg_elbo", "epoch/test/neg_elbo"):
+        for metric in ("eval/val_iw/nll", "eval/test_iw/nll", "epoch/val/neg_elbo"):
             values = [r.data.metrics[metric] for r in pair]
             assert float(row[f"{metric} mean"]) == pytest.approx(statistics.mean(values))
             assert float(row[f"{metric} sd"]) == pytest.approx(statistics.stdev(values))

@@ -143,9 +143,7 @@ def test_runs_and_their_comparison_render_in_chromium(browser, filled_server, tm
     names = [r["info"]["run_name"] for r in runs]
     ids = [r["info"]["run_id"] for r in runs]
     for run_id, params_file in zip(ids, filled_server.params_files, strict=True):
-        history = server.get(
-            "metrics/get-history", run_id=run_id, metric_key="epoch/test/neg_elbo"
-        )
+        history = server.get("metrics/get-history", run_id=run_id, metric_key="epoch/val/neg_elbo")
         assert len(history["metrics"]) == params_mod.load(params_file).train.epochs
 
     expect = sync_api.expect
@@ -186,7 +184,7 @@ def test_runs_and_their_comparison_render_in_chromium(browser, filled_server, tm
             expect(page.get_by_text("model.latent_dims", exact=True)).to_be_visible()
             # Metrics with each run's value: a per-epoch one far down the grid (the same for
             # both runs: one training) and an evaluation one that the seed changes.
-            for metric in ("epoch/test/neg_elbo", "eval/test/neg_elbo"):
+            for metric in ("epoch/val/neg_elbo", "eval/test/neg_elbo"):
                 shown = [float(text) for text in metric_values(page, metric)]
                 latest = [latest_metric(run, metric) for run in runs]
                 assert shown == pytest.approx(latest, rel=2e-3), (metric, shown, latest)
@@ -201,7 +199,7 @@ def test_runs_and_their_comparison_render_in_chromium(browser, filled_server, tm
 
 def first_chart_sections(page, count: int) -> list[str]:  # a playwright Page
     """The names of the first ``count`` chart sections, top to bottom, once they are drawn
-    (each section header is its name followed by its chart count, e.g. "epoch/test" "(3)")."""
+    (each section header is its name followed by its chart count, e.g. "epoch/val" "(3)")."""
     pattern = re.compile(r"^[\w./]+$")
     headers = page.get_by_role("button", name="Add chart")
     expect = sync_api.expect
@@ -235,7 +233,7 @@ def test_the_make_ui_link_opens_runs_with_models_datasets_and_curves_first(
         for run in runs
         for d in run["inputs"]["dataset_inputs"]
     )
-    assert len(datasets) == 4, datasets  # training and evaluation sets of two runs
+    assert len(datasets) == 6, datasets  # training, validation and test sets of two runs
     model_names = [
         server.get("logged-models/" + run["outputs"]["model_outputs"][0]["model_id"])["model"][
             "info"
@@ -267,12 +265,12 @@ def test_the_make_ui_link_opens_runs_with_models_datasets_and_curves_first(
         )
         try:
             assert first_chart_sections(page, 3) == [
-                "epoch/test",
                 "epoch/train",
+                "epoch/val",
                 "eval/latent",
             ]
-            # The test negative ELBO curve, a line over the epochs, is in the first screen.
-            legend = f"{run['info']['run_name']} (epoch/test/neg_elbo)"
+            # The validation negative ELBO curve, a line over the epochs, is in the first screen.
+            legend = f"{run['info']['run_name']} (epoch/val/neg_elbo)"
             expect(page.get_by_text(legend, exact=True).first).to_be_in_viewport()
         finally:
             page.screenshot(path=tmp_path / "ui_model_metrics.png")
@@ -281,8 +279,8 @@ def test_the_make_ui_link_opens_runs_with_models_datasets_and_curves_first(
         page.goto(f"{link}&compareRunsMode=CHART")
         try:
             assert first_chart_sections(page, 3) == [
-                "epoch/test",
                 "epoch/train",
+                "epoch/val",
                 "eval/latent",
             ]
         finally:

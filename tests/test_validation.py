@@ -336,7 +336,11 @@ def test_two_ranks_resumed_mid_patience_stop_at_the_same_epoch_with_the_same_wei
         )
         for rank in (0, 1)
     ]
-    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    try:  # a rank left waiting for the other would hang: 2 minutes, then both are ended
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
     lines = dict(line.split(" ", 1) for line in outputs[0][0].splitlines())
     assert lines["whole"].split()[0] == "7"  # stopped where the curve says, on both ranks
