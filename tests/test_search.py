@@ -53,10 +53,16 @@ def memory_study(spec):
 
 def run_searcher(spec, study, runner, jobs=None, seconds=60.0, **kwargs) -> list[str]:
     lines: list[str] = []
-    deadline = time.monotonic() + seconds  # a loop that never ends fails instead of hanging
+    deadline = time.monotonic() + seconds
+
+    def too_long() -> bool:  # a loop that never ends fails the test instead of hanging it
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the search has not ended after {seconds} s:\n{lines[-5:]}")
+        return False
+
     searcher = search.Searcher(
         spec, study, runner, jobs or spec.jobs, out=lines.append, poll=0.0,
-        stop_requested=lambda: time.monotonic() > deadline, **kwargs,
+        stop_requested=too_long, **kwargs,
     )  # fmt: skip
     searcher.run()
     return lines
@@ -340,6 +346,31 @@ def test_the_best_configurations_are_confirmed_over_the_seeds(tmp_path):
         assert runner.get(name)["overrides"]["train.seed"] == str(seed)
         assert t.value == pytest.approx(repeated.value + 0.1 * seed)  # value_of: +0.1 a seed
     assert len(search.counted(study.trials)) == 5
+
+
+def test_confirmations_interrupted_by_ctrl_c_are_run_when_the_search_continues(tmp_path):
+    spec = small(trials=3, jobs=2, confirm="{top: 2, seeds: [1, 2]}")
+    study = memory_study(spec)
+    runner = FakeRunner(tmp_path)
+    lines: list[str] = []
+
+    def stop_in_the_confirmations() -> bool:
+        return any(" confirmation of trial " in line and "finished" in line for line in lines)
+
+    searcher = search.Searcher(spec, study, runner, 2, out=lines.append, poll=0.0,
+                               stop_requested=stop_in_the_confirmations)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        searcher.run()
+    searcher.stop_all("interrupted (Ctrl-C or SIGTERM)")
+    assert by_state(study, "confirm") == {"COMPLETE": [3, 4], "FAIL*": [5, 6]}
+    run_searcher(spec, study, FakeRunner(tmp_path / "resumed"))
+    done = sorted(
+        (t.user_attrs[search.CONFIRMS_ATTR], t.user_attrs[search.SEED_ATTR])
+        for t in study.trials
+        if search.is_confirmation(t) and t.state == TrialState.COMPLETE
+    )
+    top = sorted(search.counted(study.trials), key=lambda t: t.value)[:2]
+    assert done == sorted((t.number, seed) for t in top for seed in (1, 2))
 
 
 def test_a_configuration_tried_twice_is_confirmed_once():
@@ -644,8 +675,8 @@ def test_an_experiment_that_ignores_sigint_is_terminated_and_its_copy_removed(tm
 def test_an_experiment_that_stops_on_sigint_keeps_its_copy_to_dvc(tmp_path):
     from vaelab import experiments
 
-    polite = subprocess.Popen(
-        [sys.executable, "-c", "import time\nprint('ready', flush=True)\ntry:\n time.sleep(60)\n"
+    polite = subprocess.Popen(  # 'ready' inside the try: a SIGINT before it would kill it
+        [sys.executable, "-c", "import time\ntry:\n print('ready', flush=True)\n time.sleep(60)\n"
          "except KeyboardInterrupt:\n raise SystemExit(2)"],
         start_new_session=True, stdout=subprocess.PIPE,
     )  # fmt: skip

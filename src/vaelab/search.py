@@ -399,6 +399,10 @@ class Searcher:
                 job = self.search_job(trial)
             if job is not None:
                 return job
+            if trial.user_attrs.get(NOT_COUNTED_ATTR) == "withdrawn" and not is_confirmation(
+                trial
+            ):
+                return None  # the budget is full: asking again would only withdraw again
 
     def claim(self, trial) -> None:
         now = self.now()
