@@ -736,3 +736,41 @@ def test_register_takes_a_search_s_confirmed_winner_only(private_store, monkeypa
     assert seen["filter_string"] == (
         "tags.`vaelab.search` = 's' and tags.`vaelab.confirms` = '4' and tags.x = 'y'"
     )
+
+
+def test_the_report_says_what_was_tried_and_what_the_confirmation_found(tmp_path):
+    records = [
+        TrialRecord(0, "COMPLETE", {"train.lr": 0.001}, 10.5, {1: 12.0, 2: 10.5}, 60.0),
+        TrialRecord(1, "PRUNED", {"train.lr": 0.1}, None, {1: 30.0}, 20.0, pruned_epoch=1),
+        TrialRecord(2, "FAIL", {"train.lr": 0.5}, None, reason="diverged"),
+        TrialRecord(3, "COMPLETE", {"train.lr": 0.002}, 10.1, {1: 11.0, 2: 10.1}, 61.0),
+        TrialRecord(4, "FAIL", {"train.lr": 0.003}, None, counted=False),
+    ]
+    values = {"3": [10.0, 10.2, 10.1], "0": [11.0, 11.3, 11.1]}
+    grouped, verdict = search_report.decide(confirmation(values), "eval/val_iw/nll", "minimize")
+    text = search_report.markdown(
+        "s", records, metric="eval/val_iw/nll", direction="minimize", keys=["train.lr"],
+        storage="x.journal", grouped=grouped, verdict=verdict, importances={},
+        figures=[], report_dir=tmp_path,
+    )  # fmt: skip
+    assert "4 trials (2 complete, 1 pruned, 1 failed)" in text
+    assert "Best trial: 3, eval/val_iw/nll = 10.1000 (`train.lr=0.002`)." in text
+    assert verdict.text in text and search_report.test_sentence(verdict) in text
+    assert "(a trial's params, run with each confirmation seed)" in text
+    assert "| 1 | PRUNED at epoch 1 | 0.1 |  | 1 | 20 s |" in text
+    assert "| 4 | FAIL (not counted) | 0.003 |" in text
+    figures = search_report.plot_figures(
+        records, metric="eval/val_iw/nll", curve="epoch/val/neg_elbo", direction="minimize",
+        space={"train.lr": search_file_range()}, importances={"train.lr": 1.0},
+        folder=tmp_path / "figures",
+    )  # fmt: skip
+    names = [p.name for p in figures]
+    assert names == ["running_best.png", "importances.png", "param_train.lr.png",
+                     "pruned_curves.png"]  # fmt: skip
+    assert all(p.stat().st_size > 0 for p in figures)
+
+
+def search_file_range():
+    from vaelab.search_file import Range
+
+    return Range(0.001, 0.5, log=True)

@@ -548,6 +548,7 @@ class Searcher:
             f"search: trial {job.number} pruned at epoch {epoch} ({what}) after "
             f"{duration(self.clock() - job.started)}  [{self.status()}]"
         )
+        self.runner.progress(self.counts(), self.best_dict())
 
     def finish(self, job: Job) -> None:
         run_id = self.runner.run_id(job.name, job.launched, finished=True)
@@ -598,6 +599,7 @@ class Searcher:
 
         trial.set_user_attr(FAILED_ATTR, reason[-2000:])
         self.study.tell(trial, state=TrialState.FAIL)
+        self.runner.progress(self.counts(), self.best_dict())
 
     def give_up(self, trial, why: str, reason: str) -> None:
         """A trial told FAIL outside the budget: ``why`` = interrupted or withdrawn."""
