@@ -190,6 +190,30 @@ def test_a_trial_asked_after_the_last_place_was_taken_is_withdrawn(tmp_path):
     assert [t.number for t in search.counted(second.trials)] == [0, 1, 2]
 
 
+def test_a_trial_two_processes_were_both_given_is_run_by_one(tmp_path):
+    """An RDB without row locks (SQLite) can hand one queued trial to two processes. The one
+    that finds it already ended by the other skips it and asks again; one that learns so while
+    running it stops its experiment and goes on."""
+    spec = small(trials=3, jobs=1)
+    storage = optuna.storages.InMemoryStorage()
+    mine, theirs = search.open_study(spec, storage), search.open_study(spec, storage)
+    taken = theirs.ask()
+    theirs.tell(taken, 1.0)  # the other process ran it to its end
+    given = iter([optuna.Trial(mine, taken._trial_id)])
+    ask = mine.ask
+    mine.ask = lambda: next(given, None) or ask()  # the double pop, then Optuna's own
+    runner, lines = FakeRunner(tmp_path), []
+    searcher = search.Searcher(spec, mine, runner, 1, out=lines.append, poll=0.0)
+    job = searcher.next_job()
+    assert job.number == 1 and study_trial(mine, 0).value == 1.0
+    searcher.launch(job)
+    theirs.tell(job.number, state=TrialState.FAIL)  # the other process ended this one too
+    searcher.run()
+    assert "search: trial 1 was ended by another process; its experiment here is stopped" in lines
+    assert runner.stopped == {"fake-1": 1}
+    assert len(search.counted(mine.trials)) == 3
+
+
 def study_trial(study, number: int):
     return next(t for t in study.get_trials() if t.number == number)
 

@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from optuna.exceptions import UpdateFinishedTrialError
+
 from vaelab import params as params_mod
 from vaelab import search_report
 from vaelab.errors import VaelabError, run_stage
@@ -192,7 +194,19 @@ def open_storage(url: str | None, default: Path):
     from optuna.storages.journal import JournalFileBackend
 
     if url and "://" in url:
-        return optuna.storages.RDBStorage(url)
+        # Two processes opening a brand-new database at once both make its tables, and one
+        # fails (seen with SQLite: UNIQUE constraint failed: alembic_version.version_num); a
+        # second try finds them made.
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(url)
+            except Exception as error:  # SQLAlchemy's, Alembic's or Optuna's own
+                if attempt == 2:
+                    raise VaelabError(
+                        f"cannot open the Optuna storage {shown_storage(url, default)}: "
+                        f"{type(error).__name__}: {error}"
+                    ) from None
+                time.sleep(2.0 * (attempt + 1))
     path = Path(url) if url else default
     path.parent.mkdir(parents=True, exist_ok=True)
     # A journal file: safe for several processes on one machine (a lock file beside it); over
@@ -360,7 +374,15 @@ class Searcher:
             if self.stop_requested():
                 raise KeyboardInterrupt
             for job in list(self.active.values()):
-                self.watch(job)
+                try:
+                    self.watch(job)
+                except UpdateFinishedTrialError:  # ended by another process (see claim)
+                    self.active.pop(job.number, None)
+                    self.runner.stop([job.name])
+                    self.out(
+                        f"search: trial {job.number} was ended by another process; "
+                        "its experiment here is stopped"
+                    )
             self.fill()
             if not self.active and self.all_done():
                 return
@@ -392,11 +414,15 @@ class Searcher:
             if len(counted(trials)) >= self.search.trials and not waiting:
                 return None
             trial = self.study.ask()
-            self.claim(trial)
-            if is_confirmation(trial):
-                job = self.confirmation_job(trial)
-            else:
-                job = self.search_job(trial)
+            try:
+                if not self.claim(trial):
+                    continue
+                if is_confirmation(trial):
+                    job = self.confirmation_job(trial)
+                else:
+                    job = self.search_job(trial)
+            except UpdateFinishedTrialError:
+                continue  # another process took it too, and has finished with it (see claim)
             if job is not None:
                 return job
             if trial.user_attrs.get(NOT_COUNTED_ATTR) == "withdrawn" and not is_confirmation(
@@ -404,10 +430,17 @@ class Searcher:
             ):
                 return None  # the budget is full: asking again would only withdraw again
 
-    def claim(self, trial) -> None:
-        now = self.now()
+    def claim(self, trial) -> bool:
+        """Mark ``trial`` as this process's; False when another process claimed it as well.
+
+        Optuna hands a queued trial to one process only with a storage that pops it atomically:
+        a journal file, or an RDB with row locks (PostgreSQL, MySQL). SQLite has no SELECT ...
+        FOR UPDATE, and two processes on one SQLite study were each given the same queued
+        confirmation (seen here); the owner read back after writing it settles most such
+        races, and a trial the other process has already ended is skipped (next_job)."""
         trial.set_user_attr(OWNER_ATTR, self.owner)
-        trial.set_user_attr(ALIVE_ATTR, now)
+        trial.set_user_attr(ALIVE_ATTR, self.now())
+        return trial.user_attrs.get(OWNER_ATTR) == self.owner
 
     def search_job(self, trial) -> Job | None:
         place = [t.number for t in counted(self.trials())].index(trial.number)
