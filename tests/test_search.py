@@ -13,6 +13,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -798,3 +799,29 @@ def search_file_range():
     from vaelab.search_file import Range
 
     return Range(0.001, 0.5, log=True)
+
+
+def test_an_experiment_left_running_by_a_dead_search_is_found_and_stopped(tmp_path):
+    """A search process SIGKILLed leaves its `dvc exp run` running (its own process group). On
+    this machine the next search finds it by its process group's command line, which must name
+    the experiment (a reused pid does not), and stops it with SIGINT."""
+    from vaelab import experiments
+
+    script = "import time\ntry:\n print('ready', flush=True)\n time.sleep(60)\nexcept " \
+        "KeyboardInterrupt:\n raise SystemExit(2)"  # fmt: skip
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", script, "exp", "run", "--temp", "-n", "s-3"],
+        start_new_session=True, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert orphan.stdout.readline() == b"ready\n"
+    assert experiments.group_runs(orphan.pid, "s-3")
+    assert not experiments.group_runs(orphan.pid, "s-4")
+    # Its parent, the dead search, is gone and init reaps it; here this test is its parent.
+    reaper = threading.Thread(target=orphan.wait)
+    reaper.start()
+    runner = search.DvcRunner(None, tmp_path, 1)
+    started = time.monotonic()
+    assert runner.stop_orphan(orphan.pid, "s-3")
+    reaper.join()
+    assert orphan.returncode == 2 and time.monotonic() - started < 10
+    assert not experiments.group_runs(orphan.pid, "s-3")

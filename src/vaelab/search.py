@@ -443,8 +443,10 @@ class Searcher:
         return trial.user_attrs.get(OWNER_ATTR) == self.owner
 
     def search_job(self, trial) -> Job | None:
-        place = [t.number for t in counted(self.trials())].index(trial.number)
-        if place >= self.search.trials:  # another process took the last place first
+        places = [t.number for t in counted(self.trials())]
+        if trial.number not in places:  # another process was given it too and ended it
+            return None
+        if places.index(trial.number) >= self.search.trials:  # another took the last place
             self.give_up(trial, "withdrawn", "the budget was full when it was asked")
             return None
         values = suggest(trial, self.search.space)
