@@ -886,7 +886,7 @@ class DvcRunner:
         return self.runs.curve(run_id, key)
 
     def metrics(self, run_id: str) -> dict[str, float]:
-        return dict(self.runs.client.get_run(run_id).data.metrics)
+        return self.runs.metrics(run_id)
 
     def adopt(self, run_id: str, trial: int | None, confirms: int | None) -> None:
         self.runs.adopt(run_id, trial=trial, confirms=confirms)

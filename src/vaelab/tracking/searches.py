@@ -83,6 +83,10 @@ class SearchRuns:
         """``key``'s (step, value) pairs so far, by step."""
         return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
 
+    def metrics(self, run_id: str) -> dict[str, float]:
+        """The run's metrics, each its last value."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
     def adopt(self, run_id: str, *, trial: int | None = None, confirms: int | None = None):
         """Make the run a child of the parent, tagged with the search and its trial number (or
         the trial number a confirmation repeats)."""
