@@ -646,6 +646,13 @@ def test_a_search_on_fake_mnist_through_dvc_and_mlflow(tmp_path):
     assert [p.name for p in copies.iterdir() if p.name.startswith("tmp")] == []
     assert "No experiment tasks in the queue" in run(repo, "dvc", "queue", "status")
     assert run(repo, "git", "status", "--porcelain", "--untracked-files=no") == ""
+    # DVC's run cache: the train stage of each finished trial, none of the pruned one.
+    trained = set()
+    for entry in (repo / ".dvc" / "cache" / "runs").glob("*/*/*"):
+        stage = yaml.safe_load(entry.read_text())
+        if "vaelab.train" in stage["cmd"]:
+            trained.add(stage["params"]["params.yaml"]["train"]["lr"])
+    assert trained == {0.001, 0.002}
     # The report, also in the parent run.
     report = (repo / "reports" / "search.md").read_text()
     assert "3 trials (2 complete, 1 pruned, 0 failed)" in report
