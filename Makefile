@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5000
 
-.PHONY: repro test ui bench compare register reproduce sweep preset lint clean-venv
+.PHONY: repro test ui bench compare register reproduce sweep search preset lint clean-venv
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -45,9 +45,10 @@ compare: $(VENV)/.installed
 	$(BIN)/python -m vaelab.compare --params params.yaml --report reports/comparison.md \
 		--figures reports/comparison $(COMPARE_ARGS)
 
-# Register the model of the best finished run (lowest eval/test_iw/nll) as a new version of
+# Register the model of the best finished run (lowest eval/val_iw/nll, docs/choosing.md) as a new version of
 # "vaelab-vae" and point the alias "champion" at it: models:/vaelab-vae@champion.
-# E.g. make register REGISTER_ARGS="--filter \"tags.sweep = 'x'\""
+# E.g. make register REGISTER_ARGS="--filter \"tags.sweep = 'x'\"", or a search's confirmed
+# winner: make register REGISTER_ARGS="--search NAME"
 REGISTER_ARGS ?=
 register: $(VENV)/.installed
 	$(BIN)/python -m vaelab.register --params params.yaml $(REGISTER_ARGS)
@@ -76,6 +77,20 @@ sweep: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m vaelab.sweep --params params.yaml \
 		--report reports/comparison.md --figures reports/comparison --grid '$(SWEEP)' \
 		--jobs $(SWEEP_JOBS) --max $(SWEEP_MAX) $(if $(SWEEP_NAME),--label '$(SWEEP_NAME)')
+
+# A search (docs/search.md): an Optuna study over params.yaml keys, each trial a DVC experiment
+# and a child run of one MLflow parent, pruned on validation, its best confirmed over seeds.
+# make search SEARCH=searches/NAME.yaml [STORAGE=postgresql://... or a journal file] [SEARCH_JOBS=2]
+# Run it again to continue the study; another clone with the same STORAGE and
+# MLFLOW_TRACKING_URI joins it.
+SEARCH      ?= searches/latent-hidden-lr.yaml
+STORAGE     ?=
+SEARCH_JOBS ?=
+search: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m vaelab.search --search '$(SEARCH)' \
+		--params params.yaml --pipeline dvc.yaml --state .search --report reports/search.md \
+		--figures reports/search $(if $(STORAGE),--storage '$(STORAGE)') \
+		$(if $(SEARCH_JOBS),--jobs $(SEARCH_JOBS))
 
 # Run a preset (presets/*.yaml) as a DVC experiment: make preset PRESET=bernoulli-2d, with
 # overrides: make preset PRESET=burda-iwae PRESET_ARGS="-S loss.samples=50"

@@ -21,6 +21,7 @@ COMMANDS = (
     "vaelab.presets",
     "vaelab.register",
     "vaelab.reproduce",
+    "vaelab.search",
     "vaelab.sweep",
     "vaelab.tracking.ui",
 )

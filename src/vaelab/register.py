@@ -10,6 +10,11 @@ metric, after the others: ``vaelab.ranking``) has its logged model (the run's ta
 ``models:/vaelab-vae@champion`` always loads the best model. When the alias already points at
 that model nothing is registered; when another version holds it (the alias was moved by hand),
 the alias goes back to that version instead of a duplicate.
+
+``--search NAME`` takes the confirmed winner of search NAME (``make search``): the best of the
+winner's confirmation runs (the parent run's ``vaelab.winner`` says which trial won); a search
+that named no winner, its configurations within the seed noise of each other, is refused with its
+verdict.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from vaelab import params as params_mod
 from vaelab.errors import run_stage
 from vaelab.ranking import RANK_METRIC
 from vaelab.tracking.registry import Registration, register_best
+from vaelab.tracking.searches import winner_filter
 
 
 def describe(done: Registration) -> str:
@@ -42,15 +48,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default=RANK_METRIC, help="rank by this metric")
     parser.add_argument("--descending", action="store_true", help="higher is better")
     parser.add_argument("--filter", default="", help="MLflow filter, e.g. \"tags.sweep = 'x'\"")
+    parser.add_argument("--search", help="take the confirmed winner of this search (its name)")
     parser.add_argument("--name", default="vaelab-vae", help="the registered model")
     parser.add_argument("--alias", default="champion", help="the alias to point at the best")
     args = parser.parse_args(argv)
     experiment = params_mod.load(args.params).mlflow.experiment
+    filter_string = args.filter
+    if args.search:
+        winner = winner_filter(experiment, args.search)
+        # MLflow's filters have no parentheses: "and" joins them.
+        filter_string = f"{winner} and {filter_string}" if filter_string else winner
     done = register_best(
         experiment,
         metric=args.metric,
         descending=args.descending,
-        filter_string=args.filter,
+        filter_string=filter_string,
         name=args.name,
         alias=args.alias,
     )

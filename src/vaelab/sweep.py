@@ -25,7 +25,6 @@ import argparse
 import ast
 import copy
 import itertools
-import os
 import re
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 from vaelab import params as params_mod
 from vaelab.errors import VaelabError, run_stage
+from vaelab.experiments import duration as _duration
+from vaelab.experiments import dvc, threads_env
 from vaelab.tracking.sweeps import fail_sweep, start_sweep
 
 SWEEP_KEY = "mlflow.sweep"  # set by the sweep itself: the label of its runs
@@ -123,10 +124,7 @@ class Queued:
 
 
 def _dvc(*args: str, env: dict | None = None) -> str:
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise VaelabError(f"sweep: dvc {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
-    return done.stdout + done.stderr
+    return dvc(*args, env=env, who="sweep")
 
 
 def parse_queued(output: str) -> list[Queued]:
@@ -177,11 +175,6 @@ def parse_busy_workers(output: str) -> int | None:
     (DVC 3.67: active = running an experiment, idle = waiting); None when there is no such line."""
     found = re.search(r"^Worker status: (\d+) active", output, re.MULTILINE)
     return int(found.group(1)) if found else None
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 class Progress:
@@ -314,10 +307,7 @@ def compare_command(args: argparse.Namespace, label: str, expected: int) -> list
 
 def run_queue(queued: list[Queued], jobs: int) -> None:
     """``dvc queue start -j JOBS``, watched until every one of ``queued`` has ended."""
-    # Each worker's torch threads: the cores shared out (torch's default, all cores each,
-    # oversubscribes).
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
-    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    env = threads_env(jobs)  # each worker's torch threads: the cores shared out
     # `dvc queue start` (DVC 3.67) may return at once, its workers detached ("Started '2' new
     # experiments task queue workers."), or once they have emptied the queue: either way the
     # queue's own status says when every experiment has ended, so that is what is watched, with

@@ -3,6 +3,7 @@ the comparison that is logged into it, or FAILED when that comparison cannot be 
 
 from __future__ import annotations
 
+from vaelab.tracking.parents import NOTE_TAG, end_parent
 from vaelab.tracking.store import connect
 from vaelab.tracking.tags import KIND_TAG, sweep_parent
 
@@ -21,7 +22,7 @@ def start_sweep(experiment: str, label: str, swept: dict[str, str]) -> str:
     tags = {
         KIND_TAG: "sweep",
         "sweep": label,
-        "mlflow.note.content": f"Sweep over {', '.join(swept)}: its runs are the children.",
+        NOTE_TAG: f"Sweep over {', '.join(swept)}: its runs are the children.",
     }
     run_id = client.create_run(experiment_id, run_name=label, tags=tags).info.run_id
     client.log_batch(run_id, params=[Param(f"sweep.{k}", v) for k, v in swept.items()])
@@ -34,8 +35,6 @@ def fail_sweep(experiment: str, label: str, reason: str) -> bool:
     False when the sweep has no running parent."""
     client, experiment_id = connect(experiment)
     parent = sweep_parent(client, experiment_id, label)
-    if parent is None or client.get_run(parent).info.status != "RUNNING":
+    if parent is None:
         return False
-    client.set_tag(parent, "mlflow.note.content", f"The sweep failed: {reason}")
-    client.set_terminated(parent, "FAILED")
-    return True
+    return end_parent(client, parent, "FAILED", f"The sweep failed: {reason}")
