@@ -23,9 +23,14 @@ repro: $(VENV)/.installed
 # Two worker processes (the 2 cores CI has); the tests that share an expensive fixture (a
 # reproduced repository, a tracking server, DDP trainings) stay in one worker each (loadgroup).
 # One file or test without them: .venv/bin/python -m pytest tests/test_model.py (docs/testing.md).
+# One torch thread per worker unless OMP_NUM_THREADS is set: two workers that each take every
+# core (torch's default) oversubscribe 2 cores, and a training step then ran 6 times slower
+# (docs/testing.md). Tests that train with several processes share the cores out themselves.
 TEST_WORKERS ?= 2
+TEST_THREADS ?= $(or $(OMP_NUM_THREADS),1)
 test: $(VENV)/.installed-dev
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$(TEST_THREADS) \
+		$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ui: $(VENV)/.installed
 	$(BIN)/python -m vaelab.tracking.ui --port $(PORT) \
@@ -45,8 +50,8 @@ compare: $(VENV)/.installed
 	$(BIN)/python -m vaelab.compare --params params.yaml --report reports/comparison.md \
 		--figures reports/comparison $(COMPARE_ARGS)
 
-# Register the model of the best finished run (lowest eval/val_iw/nll, docs/choosing.md) as a new version of
-# "vaelab-vae" and point the alias "champion" at it: models:/vaelab-vae@champion.
+# Register the model of the best finished run (lowest eval/val_iw/nll, docs/choosing.md) as a
+# new version of "vaelab-vae" and point the alias "champion" at it: models:/vaelab-vae@champion.
 # E.g. make register REGISTER_ARGS="--filter \"tags.sweep = 'x'\"", or a search's confirmed
 # winner: make register REGISTER_ARGS="--search NAME"
 REGISTER_ARGS ?=
