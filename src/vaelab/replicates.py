@@ -123,20 +123,29 @@ def _mean_sd(row: pd.Series, column: str) -> str:
     return f"{mean:.{places}f} ± {sd:.{places}f}"
 
 
+# What a configuration is, as the per-configuration table says it (a search says its own).
+CONFIG_IS = "runs equal but for seeds and bookkeeping keys; their `vaelab.config` tag"
+
+
 def markdown(
-    grouped: pd.DataFrame, metrics: list[str], params: list[str], ranking: Ranking | str
+    grouped: pd.DataFrame,
+    metrics: list[str],
+    params: list[str],
+    ranking: Ranking | str,
+    config_is: str = CONFIG_IS,
 ) -> str:
     """The per-configuration table: mean ± sd over each configuration's runs of ``metrics``
     (the ranking metric and its test-set twin first, then a few to read), ranked as
-    ``ranking`` says (a ``vaelab.ranking.Ranking``, or the name of the one metric)."""
+    ``ranking`` says (a ``vaelab.ranking.Ranking``, or the name of the one metric);
+    ``config_is`` says what a configuration is."""
     if isinstance(ranking, str):
         ranking = rank(pd.DataFrame(), ranking)
     metric, twin = ranking.metric, ranking.twin
     lines = [
         "## By configuration",
         "",
-        f"{len(grouped)} configurations (runs equal but for seeds and bookkeeping keys; their "
-        "`vaelab.config` tag), best first by the mean of the metric each is ranked by. "
+        f"{len(grouped)} configurations ({config_is}), best first by the mean of the metric "
+        "each is ranked by. "
         f"{ranking.note} Each cell is the mean ± the sample standard deviation over the "
         f"configuration's runs. `vs next`: {NOISE_TEST} (two-sided, alpha = {ALPHA}) of "
         "that metric against the next configuration down.",

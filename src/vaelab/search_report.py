@@ -260,10 +260,8 @@ def markdown(
         lines += ["## Confirmation", "", verdict.text, "", test_sentence(verdict), ""]
     if grouped is not None:
         numbers = [metric, test_metric(metric)]
-        table = replicates.markdown(grouped, numbers, [], metric)
-        # Here a configuration is a trial's params, run once for each confirmation seed.
-        said = "(runs equal but for seeds and bookkeeping keys; their `vaelab.config` tag)"
-        lines.append(table.replace(said, "(a trial's params, run with each confirmation seed)"))
+        config_is = "a trial's params, run with each confirmation seed"
+        lines.append(replicates.markdown(grouped, numbers, [], metric, config_is))
     if importances:
         lines += ["## Parameter importances (fANOVA, over the complete trials)", ""]
         lines += [f"- `{k}`: {v:.3f}" for k, v in importances.items()]
