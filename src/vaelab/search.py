@@ -43,7 +43,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import optuna
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.importance import FanovaImportanceEvaluator
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from vaelab import params as params_mod
 from vaelab import search_report
@@ -144,7 +148,6 @@ def make_sampler(seed: int):
     study (same seed, same file) do not draw the same random start-up trials, as they would from
     samplers seeded alike."""
     import numpy as np
-    import optuna
 
     class TrialSeededTPE(optuna.samplers.TPESampler):
         def before_trial(self, study, trial) -> None:
@@ -158,7 +161,6 @@ def make_sampler(seed: int):
 
 
 def make_pruner(search: Search):
-    import optuna
 
     spec = search.pruner
     if spec.name == "median":
@@ -190,8 +192,6 @@ def definition(search: Search) -> str:
 def open_storage(url: str | None, default: Path):
     """An Optuna storage: ``url`` with "://" (an RDB: postgresql://, sqlite:///...), another
     ``url`` a journal file's path, else the journal file ``default``."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
 
     if url and "://" in url:
         # Two processes opening a brand-new database at once both make its tables, and one
@@ -223,7 +223,6 @@ def shown_storage(url: str | None, default: Path) -> str:
 
 def open_study(search: Search, storage):
     """The search's study (made if new); refused when it was made with another definition."""
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search prints its own lines
     study = optuna.create_study(
@@ -264,7 +263,6 @@ def is_confirmation(trial) -> bool:
 def counted(trials) -> list:
     """The search trials that count against ``trials``, by number: every finished or running
     one but those interrupted or withdrawn."""
-    from optuna.trial import TrialState
 
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
     return sorted(
@@ -406,7 +404,6 @@ class Searcher:
     def next_job(self) -> Job | None:
         """The next trial to run: a queued confirmation, else a new search trial while the
         budget lasts; None when there is none for now."""
-        from optuna.trial import TrialState
 
         while True:
             trials = self.trials()
@@ -461,7 +458,6 @@ class Searcher:
         return Job(trial, name, values, self.now(), self.clock())
 
     def confirmation_job(self, trial) -> Job | None:
-        from optuna.trial import TrialState
 
         confirms, seed = trial.user_attrs[CONFIRMS_ATTR], trial.user_attrs[SEED_ATTR]
         taken = [
@@ -566,7 +562,6 @@ class Searcher:
         last epoch the search had seen when it decided (``vaelab.pruned_seen``: the epochs are
         read every ``poll`` seconds, so on a fast machine the run may be ahead of the decision),
         the trial PRUNED."""
-        from optuna.trial import TrialState
 
         del self.active[job.number]
         self.runner.stop([job.name])
@@ -630,7 +625,6 @@ class Searcher:
         )
 
     def tell_failed(self, trial, reason: str) -> None:
-        from optuna.trial import TrialState
 
         trial.set_user_attr(FAILED_ATTR, reason[-2000:])
         self.study.tell(trial, state=TrialState.FAIL)
@@ -663,8 +657,6 @@ class Searcher:
         """Trials left RUNNING by a process that died: its experiment stopped when it still
         runs on this machine; the trial adopted as COMPLETE when the experiment had finished
         (a finished trial is never lost), else failed, not counted."""
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
 
         self.settled_at = self.clock()
         for trial in self.study.get_trials(states=(TrialState.RUNNING,)):
@@ -712,7 +704,6 @@ class Searcher:
     def all_done(self) -> bool:
         """With nothing running here: whether the study is done (trials and confirmations).
         Waits while others run trials; queues the confirmations once the trials are done."""
-        from optuna.trial import TrialState
 
         if self.clock() - self.settled_at >= SETTLE_SECONDS:
             self.settle()
@@ -737,7 +728,6 @@ class Searcher:
         """(trial number, seed, params) of every confirmation the study still needs: the top
         configurations' seeds without a finished, running or queued confirmation (one that
         failed counts as done, except an interrupted one)."""
-        from optuna.trial import TrialState
 
         confirm = self.search.confirm
         if confirm.top == 0:
@@ -814,7 +804,6 @@ class Searcher:
         return text + (f", about {duration(left)} left" if left is not None else "")
 
     def confirmations_left(self, trials) -> int:
-        from optuna.trial import TrialState
 
         confirm = self.search.confirm
         finished = sum(1 for t in trials if is_confirmation(t) and t.state == TrialState.COMPLETE)
@@ -911,8 +900,6 @@ def importances(study, search: Search) -> dict[str, float]:
     """fANOVA importances of the searched keys over the COMPLETE search trials (a study of
     those alone, so confirmations weigh nothing); empty with fewer than
     MIN_IMPORTANCE_TRIALS, or one key."""
-    import optuna
-    from optuna.importance import FanovaImportanceEvaluator
 
     done = [
         t
