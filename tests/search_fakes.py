@@ -144,7 +144,7 @@ def load_search(text: str, name: str = "fake"):
 
 
 def main() -> None:
-    from vaelab import search
+    from vaelab import search, search_study
 
     parser = argparse.ArgumentParser()
     parser.add_argument("search_yaml", type=Path)
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--sleep", type=float, default=0.0)
     args = parser.parse_args()
     spec = load_search(args.search_yaml.read_text(), args.search_yaml.stem)
-    study = search.open_study(spec, search.open_storage(args.storage, Path("unused")))
+    study = search_study.open_study(spec, search_study.open_storage(args.storage, Path("unused")))
     runner = FakeRunner(args.folder, hang=args.hang, sleep=args.sleep)
     searcher = search.Searcher(spec, study, runner, args.jobs, poll=0.0)
     searcher.run()

@@ -27,7 +27,7 @@ from tests import test_compare
 from tests.conftest import PROJECT
 from tests.search_fakes import FakeRunner, load_search, value_of
 from tests.test_replicates import FOUR, welch_by_hand
-from vaelab import search, search_report
+from vaelab import search, search_report, search_study
 from vaelab.search_report import TrialRecord
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -49,7 +49,7 @@ def small(trials: int = 6, jobs: int = 2, confirm: str = "{top: 0}", name: str =
 
 
 def memory_study(spec):
-    return search.open_study(spec, optuna.storages.InMemoryStorage())
+    return search_study.open_study(spec, optuna.storages.InMemoryStorage())
 
 
 def run_searcher(spec, study, runner, jobs=None, seconds=60.0, **kwargs) -> list[str]:
@@ -72,8 +72,8 @@ def run_searcher(spec, study, runner, jobs=None, seconds=60.0, **kwargs) -> list
 def by_state(study, kind: str = "trial") -> dict[str, list[int]]:
     found: dict[str, list[int]] = {}
     for t in study.trials:
-        if search.is_confirmation(t) == (kind == "confirm"):
-            label = t.state.name + ("*" if search.NOT_COUNTED_ATTR in t.user_attrs else "")
+        if search_study.is_confirmation(t) == (kind == "confirm"):
+            label = t.state.name + ("*" if search_study.NOT_COUNTED_ATTR in t.user_attrs else "")
             found.setdefault(label, []).append(t.number)
     return found
 
@@ -125,7 +125,7 @@ def test_a_trial_is_pruned_at_the_epoch_its_curve_crosses_the_median(tmp_path):
     assert expected == {"0.004": 2, "0.005": None}  # the hand-made curves say so
     pruned, kept = study.trials[3], study.trials[4]
     assert pruned.state == TrialState.PRUNED
-    assert pruned.user_attrs[search.PRUNED_ATTR] == 2
+    assert pruned.user_attrs[search_study.PRUNED_ATTR] == 2
     assert dict(pruned.intermediate_values) == {1: 10.5, 2: 9.5}
     # Seen epoch by epoch, it was stopped in the epoch of the decision, not later.
     assert runner.stopped == {"fake-3": 2}
@@ -159,7 +159,7 @@ def test_every_trial_counts_once_and_the_search_stops_at_its_budget(tmp_path):
     assert runner.launched == [f"fake-{n}" for n in range(6)]
     for t in study.trials:  # each value is its experiment's, told once
         _, final = value_of(search.Searcher(spec, study, runner, 1).overrides(
-            search.Job(t, "", search.decode(t.params, spec.space), 0, 0)))  # fmt: skip
+            search.Job(t, "", search_study.decode(t.params, spec.space), 0, 0)))  # fmt: skip
         assert t.value == pytest.approx(final)
     best = min(study.trials, key=lambda t: t.value)
     assert f"best {best.value:.4f} (trial {best.number})" in lines[-1]
@@ -174,7 +174,7 @@ def test_a_trial_asked_after_the_last_place_was_taken_is_withdrawn(tmp_path):
     it (FAIL, not counted), and never launches it."""
     spec = small(trials=3)
     storage = optuna.storages.InMemoryStorage()
-    first, second = (search.open_study(spec, storage) for _ in range(2))
+    first, second = (search_study.open_study(spec, storage) for _ in range(2))
     runner = FakeRunner(tmp_path)
     a = search.Searcher(spec, first, runner, 1, out=lambda line: None)
     for _ in range(2):
@@ -185,10 +185,10 @@ def test_a_trial_asked_after_the_last_place_was_taken_is_withdrawn(tmp_path):
     assert a.search_job(taken) is not None
     b = search.Searcher(spec, second, runner, 1, out=lambda line: None)
     assert b.search_job(late) is None
-    assert late.number == 3 and study_trial(second, 3).user_attrs[search.NOT_COUNTED_ATTR] == (
-        "withdrawn"
-    )
-    assert [t.number for t in search.counted(second.trials)] == [0, 1, 2]
+    assert late.number == 3 and study_trial(second, 3).user_attrs[
+        search_study.NOT_COUNTED_ATTR
+    ] == ("withdrawn")
+    assert [t.number for t in search_study.counted(second.trials)] == [0, 1, 2]
 
 
 def test_a_trial_two_processes_were_both_given_is_run_by_one(tmp_path):
@@ -197,7 +197,7 @@ def test_a_trial_two_processes_were_both_given_is_run_by_one(tmp_path):
     running it stops its experiment and goes on."""
     spec = small(trials=3, jobs=1)
     storage = optuna.storages.InMemoryStorage()
-    mine, theirs = search.open_study(spec, storage), search.open_study(spec, storage)
+    mine, theirs = search_study.open_study(spec, storage), search_study.open_study(spec, storage)
     taken = theirs.ask()
     theirs.tell(taken, 1.0)  # the other process ran it to its end
     given = iter([optuna.Trial(mine, taken._trial_id)])
@@ -212,7 +212,7 @@ def test_a_trial_two_processes_were_both_given_is_run_by_one(tmp_path):
     searcher.run()
     assert "search: trial 1 was ended by another process; its experiment here is stopped" in lines
     assert runner.stopped == {"fake-1": 1}
-    assert len(search.counted(mine.trials)) == 3
+    assert len(search_study.counted(mine.trials)) == 3
 
 
 def study_trial(study, number: int):
@@ -225,7 +225,7 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on(tmp_path):
     runner = FakeRunner(tmp_path, fail=("fake-1",))
     lines = run_searcher(spec, study, runner)
     assert by_state(study) == {"COMPLETE": [0, 2, 3], "FAIL": [1]}
-    assert "fake failure of fake-1" in study.trials[1].user_attrs[search.FAILED_ATTR]
+    assert "fake failure of fake-1" in study.trials[1].user_attrs[search_study.FAILED_ATTR]
     assert any(line.startswith("search: trial 1 FAILED after ") for line in lines)
 
 
@@ -246,7 +246,7 @@ def test_a_combination_params_refuses_fails_without_running(tmp_path):
     assert runner.launched == ["fake-1"]
     assert (
         "the conv net takes 1 or 2 channel counts"
-        in study.trials[0].user_attrs[search.FAILED_ATTR]
+        in study.trials[0].user_attrs[search_study.FAILED_ATTR]
     )
     assert lines[0].startswith(
         "search: trial 0 FAILED (model.arch=conv, model.hidden=[64, 64, 64]): 'model.hidden'"
@@ -273,7 +273,7 @@ def test_ctrl_c_stops_the_running_trials_and_a_new_run_completes_the_budget(tmp_
     assert runner.get("fake-2")["tags"]["vaelab.interrupted"].startswith("interrupted")
     run_searcher(spec, study, FakeRunner(tmp_path / "resumed"))
     assert by_state(study) == {"COMPLETE": [0, 1, 4, 5, 6], "FAIL*": [2, 3]}
-    assert len(search.counted(study.trials)) == 5
+    assert len(search_study.counted(study.trials)) == 5
 
 
 # --- a search process killed, another continuing ----------------------------------------------
@@ -287,7 +287,7 @@ def fake_search(tmp_path: Path, spec_text: str, storage: Path, folder: Path, job
 
 
 def journal_study(spec, storage: Path):
-    return search.open_study(spec, search.open_storage(str(storage), Path("unused")))
+    return search_study.open_study(spec, search_study.open_storage(str(storage), Path("unused")))
 
 
 def test_a_killed_search_loses_no_finished_trial_and_counts_none_twice(tmp_path):
@@ -329,26 +329,26 @@ def test_two_processes_on_one_study_share_the_budget_and_the_confirmations(tmp_p
     for process in processes:
         assert process.wait(timeout=120) == 0
     study = journal_study(small(trials=8, confirm="{top: 2, seeds: [1, 2]}"), storage)
-    counted = search.counted(study.trials)
+    counted = search_study.counted(study.trials)
     assert len(counted) == 8 and all(t.state == TrialState.COMPLETE for t in counted)
-    owners = {t.user_attrs[search.OWNER_ATTR] for t in counted}
+    owners = {t.user_attrs[search_study.OWNER_ATTR] for t in counted}
     assert len(owners) == 2, "one process ran every trial: the test shows nothing"
     # Every launched experiment is a counted trial's or a confirmation's, each once.
     launched = sorted(p.stem for p in folder.glob("*.json"))
-    names = [t.user_attrs[search.EXPERIMENT_ATTR] for t in study.trials
-             if search.EXPERIMENT_ATTR in t.user_attrs]  # fmt: skip
+    names = [t.user_attrs[search_study.EXPERIMENT_ATTR] for t in study.trials
+             if search_study.EXPERIMENT_ATTR in t.user_attrs]  # fmt: skip
     assert sorted(names) == launched and len(set(names)) == len(names)
     top = sorted(counted, key=lambda t: t.value)[:2]
     confirmed = [
-        (t.user_attrs[search.CONFIRMS_ATTR], t.user_attrs[search.SEED_ATTR])
+        (t.user_attrs[search_study.CONFIRMS_ATTR], t.user_attrs[search_study.SEED_ATTR])
         for t in study.trials
-        if search.is_confirmation(t) and t.state == TrialState.COMPLETE
+        if search_study.is_confirmation(t) and t.state == TrialState.COMPLETE
     ]
     assert sorted(confirmed) == sorted((t.number, s) for t in top for s in (1, 2))
     # Anything beyond: withdrawn (not counted), never launched.
     for t in study.trials:
-        if t.user_attrs.get(search.NOT_COUNTED_ATTR) == "withdrawn":
-            assert search.EXPERIMENT_ATTR not in t.user_attrs
+        if t.user_attrs.get(search_study.NOT_COUNTED_ATTR) == "withdrawn":
+            assert search_study.EXPERIMENT_ATTR not in t.user_attrs
 
 
 # --- confirmation ------------------------------------------------------------------------------
@@ -359,18 +359,18 @@ def test_the_best_configurations_are_confirmed_over_the_seeds(tmp_path):
     study = memory_study(spec)
     runner = FakeRunner(tmp_path)
     run_searcher(spec, study, runner)
-    trials = [t for t in study.trials if not search.is_confirmation(t)]
+    trials = [t for t in study.trials if not search_study.is_confirmation(t)]
     top = sorted(trials, key=lambda t: t.value)[:2]
-    confirms = [t for t in study.trials if search.is_confirmation(t)]
+    confirms = [t for t in study.trials if search_study.is_confirmation(t)]
     assert len(confirms) == 4 and all(t.state == TrialState.COMPLETE for t in confirms)
     for t in confirms:
-        repeated = study.trials[t.user_attrs[search.CONFIRMS_ATTR]]
+        repeated = study.trials[t.user_attrs[search_study.CONFIRMS_ATTR]]
         assert repeated in top and t.params == repeated.params
-        seed = t.user_attrs[search.SEED_ATTR]
+        seed = t.user_attrs[search_study.SEED_ATTR]
         name = f"fake-{repeated.number}-s{seed}"
         assert runner.get(name)["overrides"]["train.seed"] == str(seed)
         assert t.value == pytest.approx(repeated.value + 0.1 * seed)  # value_of: +0.1 a seed
-    assert len(search.counted(study.trials)) == 5
+    assert len(search_study.counted(study.trials)) == 5
 
 
 def test_confirmations_interrupted_by_ctrl_c_are_run_when_the_search_continues(tmp_path):
@@ -390,11 +390,11 @@ def test_confirmations_interrupted_by_ctrl_c_are_run_when_the_search_continues(t
     assert by_state(study, "confirm") == {"COMPLETE": [3, 4], "FAIL*": [5, 6]}
     run_searcher(spec, study, FakeRunner(tmp_path / "resumed"))
     done = sorted(
-        (t.user_attrs[search.CONFIRMS_ATTR], t.user_attrs[search.SEED_ATTR])
+        (t.user_attrs[search_study.CONFIRMS_ATTR], t.user_attrs[search_study.SEED_ATTR])
         for t in study.trials
-        if search.is_confirmation(t) and t.state == TrialState.COMPLETE
+        if search_study.is_confirmation(t) and t.state == TrialState.COMPLETE
     )
-    top = sorted(search.counted(study.trials), key=lambda t: t.value)[:2]
+    top = sorted(search_study.counted(study.trials), key=lambda t: t.value)[:2]
     assert done == sorted((t.number, seed) for t in top for seed in (1, 2))
 
 
@@ -547,32 +547,35 @@ def test_the_progress_line_counts_and_the_best(tmp_path):
 def test_trials_are_seeded_by_their_number_so_processes_draw_different_starts():
     spec = small()
     storage = optuna.storages.InMemoryStorage()
-    a, b = search.open_study(spec, storage), search.open_study(spec, storage)
-    first = search.suggest(a.ask(), spec.space)  # process A's trial 0
-    second = search.suggest(b.ask(), spec.space)  # process B's trial 1, its own sampler
+    a, b = search_study.open_study(spec, storage), search_study.open_study(spec, storage)
+    first = search_study.suggest(a.ask(), spec.space)  # process A's trial 0
+    second = search_study.suggest(b.ask(), spec.space)  # process B's trial 1, its own sampler
     assert first != second
-    again = search.open_study(spec, optuna.storages.InMemoryStorage())
-    assert search.suggest(again.ask(), spec.space) == first  # reproducible from the seed
-    other = search.open_study(load_search(SMALL.replace("pruner: none", "pruner: none\nseed: 1")
-                                          % {"trials": 6, "jobs": 2, "confirm": "{top: 0}"}),
-                              optuna.storages.InMemoryStorage())  # fmt: skip
-    assert search.suggest(other.ask(), spec.space) != first
+    again = search_study.open_study(spec, optuna.storages.InMemoryStorage())
+    assert search_study.suggest(again.ask(), spec.space) == first  # reproducible from the seed
+    seeded = SMALL.replace("pruner: none", "pruner: none\nseed: 1")
+    seeded_spec = load_search(seeded % {"trials": 6, "jobs": 2, "confirm": "{top: 0}"})
+    other = search_study.open_study(seeded_spec, optuna.storages.InMemoryStorage())
+    assert search_study.suggest(other.ask(), spec.space) != first
 
 
 def test_a_study_begun_with_another_definition_is_refused():
     storage = optuna.storages.InMemoryStorage()
-    search.open_study(small(trials=4), storage)
-    search.open_study(small(trials=9, jobs=1, confirm="{top: 2, seeds: [1, 2]}"), storage)
+    search_study.open_study(small(trials=4), storage)
+    search_study.open_study(small(trials=9, jobs=1, confirm="{top: 2, seeds: [1, 2]}"), storage)
     changed = load_search((SMALL % {"trials": 4, "jobs": 2, "confirm": "{top: 0}"}).replace(
         "high: 10", "high: 12"))  # fmt: skip
     with pytest.raises(search.VaelabError, match=r"begun with another space .*name a new search"):
-        search.open_study(changed, storage)
+        search_study.open_study(changed, storage)
 
 
 def test_a_password_in_the_storage_url_is_not_shown():
     url = "postgresql://vaelab:s3cret@db.example:5432/optuna"
-    assert search.shown_storage(url, Path("x")) == "postgresql://vaelab:***@db.example:5432/optuna"
-    assert search.shown_storage("", Path(".search/a.journal")) == ".search/a.journal"
+    assert (
+        search_study.shown_storage(url, Path("x"))
+        == "postgresql://vaelab:***@db.example:5432/optuna"
+    )
+    assert search_study.shown_storage("", Path(".search/a.journal")) == ".search/a.journal"
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -600,7 +603,7 @@ def test_a_search_on_fake_mnist_through_dvc_and_mlflow(tmp_path):
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "a search")
     # The study, made beforehand with the trials the test knows queued in it.
-    storage = search.open_storage("", repo / ".search" / "tiny.journal")
+    storage = search_study.open_storage("", repo / ".search" / "tiny.journal")
     study = optuna.create_study(study_name="tiny", storage=storage)
     # (With this net 0.02 collapses to a constant -ELBO, worse than 0.0001: the pruner was right
     # to keep that one, and a test of pruning needs a trial that is worse throughout.)
@@ -613,7 +616,7 @@ def test_a_search_on_fake_mnist_through_dvc_and_mlflow(tmp_path):
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED]
     pruned = study.trials[2]
-    assert pruned.user_attrs[search.PRUNED_ATTR] == 1
+    assert pruned.user_attrs[search_study.PRUNED_ATTR] == 1
     assert "search: trial 2 pruned at epoch 1 (" in output, output
     client = client_for(repo)
     parent, *children = runs(repo)
@@ -670,13 +673,19 @@ def test_a_confirmation_queued_twice_runs_once(tmp_path):
     study = memory_study(spec)
     runner = FakeRunner(tmp_path)
     searcher = search.Searcher(spec, study, runner, 1, out=lambda line: None)
-    attrs = {search.KIND_ATTR: "confirm", search.CONFIRMS_ATTR: 0, search.SEED_ATTR: 1}
+    attrs = {
+        search_study.KIND_ATTR: "confirm",
+        search_study.CONFIRMS_ATTR: 0,
+        search_study.SEED_ATTR: 1,
+    }
     for _ in range(2):
         study.enqueue_trial({"train.lr": 0.001, "model.latent_dims": 4}, user_attrs=attrs)
     first, second = study.ask(), study.ask()
     assert searcher.confirmation_job(first).name == "fake-0-s1"
     assert searcher.confirmation_job(second) is None
-    assert study_trial(study, second.number).user_attrs[search.NOT_COUNTED_ATTR] == "withdrawn"
+    assert (
+        study_trial(study, second.number).user_attrs[search_study.NOT_COUNTED_ATTR] == "withdrawn"
+    )
 
 
 # --- stopping an experiment and what DVC leaves ------------------------------------------------
