@@ -128,11 +128,38 @@ def reproduced_copy(reproduced: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory):  # a tests.tracking_server.TrackingServer
-    """One real `mlflow server` for the whole session (see tests/tracking_server.py)."""
+def postgres():  # a tests.services.Postgres
+    """One PostgreSQL server for the session; the tests that need it skip, with the reason and
+    how to install it, where PostgreSQL is missing (tests/services.py)."""
+    from tests.services import running_postgres
+
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):  # a tests.services.S3
+    """One S3-compatible server (moto) with one bucket for the session."""
+    from tests.services import running_s3
+
+    with running_s3(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tracking_server(request, s3, tmp_path_factory):  # a tests.tracking_server.TrackingServer
+    """One real `mlflow server` for the whole session, as a team runs it: its runs in a
+    PostgreSQL database, its artifacts in the S3 bucket (tests/tracking_server.py). Where
+    PostgreSQL is missing the runs go to SQLite, so that the tests of the server's runs, UI and
+    sharing still run; those about PostgreSQL itself skip."""
     from tests.tracking_server import running_server
 
-    with running_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    try:
+        backend = request.getfixturevalue("postgres").create_database("mlflow")
+    except pytest.skip.Exception:
+        backend = f"sqlite:///{folder / 'mlflow.db'}"
+    with running_server(folder, backend, s3) as server:
         yield server
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests import test_tracking
-from tests.tracking_server import free_port
+from tests.services import free_port
 from vaelab.model import load
 
 SERVE_TIMEOUT_S = 180

@@ -1,5 +1,8 @@
-"""A real ``mlflow server`` (SQLite backend, proxied artifacts in a temporary folder) and the real
-pipeline run against it, shared by test_remote_tracking.py and test_ui_browser.py.
+"""A real ``mlflow server`` as a team runs it (docs/scale.md): runs in PostgreSQL, artifacts
+proxied to an S3 bucket (tests/services.py starts both), and the real pipeline run against it;
+shared by test_remote_tracking.py, test_share.py, test_ui_browser.py and the search tests.
+Without PostgreSQL installed the server keeps its runs in SQLite instead (the tests that are
+about PostgreSQL skip, saying so).
 
 The fixtures that use these live in conftest.py with session scope, so a test session pays for
 one server start and one fill (`dvc repro` + one `dvc exp run`): 14 + 36 + 17 s on 2 cores busy
@@ -13,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,19 +27,25 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import S3, S3_CREDENTIALS, free_port
 from tests.test_pipeline import EXPERIMENT, _env, make_repo
 
 START_TIMEOUT_S = 180  # ~15 s idle, ~35 s seen with two trainings running beside it
 
 
+ARTIFACTS_PREFIX = "mlflow"  # the server's artifacts: s3://<bucket>/mlflow/...
+
+
 @dataclass(frozen=True)
 class TrackingServer:
     url: str  # http://127.0.0.1:<port>
-    folder: Path  # holds mlflow.db, artifacts/ and server.log
+    folder: Path  # holds server.log (and mlflow.db when the runs are in SQLite)
+    backend: str  # --backend-store-uri: postgresql://... or sqlite:///...
+    s3: S3  # --artifacts-destination is s3://<bucket>/ARTIFACTS_PREFIX
 
     @property
-    def artifacts(self) -> Path:
-        return self.folder / "artifacts"
+    def artifacts(self) -> str:
+        return f"s3://{self.s3.bucket}/{ARTIFACTS_PREFIX}"
 
     @property
     def log(self) -> Path:
@@ -61,12 +69,6 @@ class TrackingServer:
             return json.load(answer)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _stop(process: subprocess.Popen) -> None:
     """SIGTERM to the server's whole process group (uvicorn workers, the job runner), then
     SIGKILL to whatever is left of it after 15 s."""
@@ -82,19 +84,19 @@ def _stop(process: subprocess.Popen) -> None:
 PORT_TRIES = 3  # a port found free can be taken by another process before the server binds it
 
 
-def _start(folder: Path, port: int) -> subprocess.Popen | None:
+def _start(folder: Path, port: int, backend: str, s3: S3) -> subprocess.Popen | None:
     """Start ``mlflow server`` on ``port`` and wait until it answers; None when the port was
     taken in the meantime (the server exits saying so)."""
-    server = TrackingServer(f"http://127.0.0.1:{port}", folder)
+    server = TrackingServer(f"http://127.0.0.1:{port}", folder, backend, s3)
     mlflow = Path(sys.executable).parent / "mlflow"
     # One worker: the default four take longer to start on 2 cores and tests need no more.
     command = [
         str(mlflow),
         "server",
         "--backend-store-uri",
-        f"sqlite:///{folder / 'mlflow.db'}",
+        backend,
         "--artifacts-destination",
-        str(server.artifacts),
+        server.artifacts,
         "--host",
         "127.0.0.1",
         "--port",
@@ -106,6 +108,9 @@ def _start(folder: Path, port: int) -> subprocess.Popen | None:
     # No job runner: it starts eight more Python processes (huey consumers for GenAI jobs such
     # as judges and trace roll-ups) that cost CPU here and ~6 s to stop; runs do not use them.
     env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # The server alone writes to the bucket (the clients upload through it): it alone gets the
+    # endpoint and the credentials, as a team's server would.
+    env |= {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint} | S3_CREDENTIALS
     with server.log.open("wb") as log:
         # Its own session: the server forks workers, and the whole group is stopped at the end.
         process = subprocess.Popen(
@@ -146,18 +151,19 @@ def _start(folder: Path, port: int) -> subprocess.Popen | None:
 
 
 @contextlib.contextmanager
-def running_server(folder: Path) -> Iterator[TrackingServer]:
-    """``mlflow server`` on a free port of 127.0.0.1, answering REST calls; stopped on exit."""
+def running_server(folder: Path, backend: str, s3: S3) -> Iterator[TrackingServer]:
+    """``mlflow server`` on a free port of 127.0.0.1 with its runs in ``backend`` and its
+    artifacts in ``s3``'s bucket, answering REST calls; stopped on exit."""
     folder.mkdir(parents=True, exist_ok=True)
     for _ in range(PORT_TRIES):
         port = free_port()
-        process = _start(folder, port)
+        process = _start(folder, port, backend, s3)
         if process is not None:
             break
     else:
         pytest.fail(f"no free port for mlflow server after {PORT_TRIES} tries")
     try:
-        yield TrackingServer(f"http://127.0.0.1:{port}", folder)
+        yield TrackingServer(f"http://127.0.0.1:{port}", folder, backend, s3)
     finally:
         _stop(process)
 
