@@ -1,5 +1,7 @@
-"""Sharing a result across machines (docs/scale.md#share-results), offline: a bare git repository
-and a local-folder DVC remote stand for the team's servers.
+"""Sharing a result across machines (docs/scale.md#share-results), offline, as a team does it: a
+bare git repository stands for the team's git server, a DVC remote on the session's S3 bucket
+(dvc-s3, the endpoint in the repository's .dvc/config, each clone's credentials in its own
+.dvc/config.local), and the session's tracking server (PostgreSQL, S3 artifacts).
 
 Clone A runs `dvc exp run -n shared-exp` and `dvc exp push origin shared-exp`; another clone gets
 it with `dvc exp pull origin shared-exp`, `dvc exp apply shared-exp` and `dvc pull`. Then
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
+from tests.services import S3_CREDENTIALS
 from tests.test_pipeline import assert_complete, client_for, make_repo, run, set_param
 from tests.tracking_server import TrackingServer, pipeline
 
@@ -26,6 +30,7 @@ EXP_NAME = "shared-exp"
 # Not "vaelab": test_remote_tracking.py and test_ui_browser.py count the runs of that experiment
 # on the same session server.
 MLFLOW_EXPERIMENT = "vaelab-share"
+DVC_PREFIX = "dvc"  # the DVC remote: s3://<bucket>/dvc (the tracking server's artifacts: mlflow/)
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,16 @@ class Pushed:
 def pushed(tracking_server: TrackingServer, tmp_path_factory) -> Pushed:
     """Clone A after `dvc exp run -n shared-exp -S train.seed=3`, logged to the tracking server,
     and `dvc exp push`: the experiment's git ref is in a bare repository ("origin"), its outputs
-    in a folder DVC remote. Read it, never change it."""
+    in the S3 DVC remote. Read it, never change it."""
     root = tmp_path_factory.mktemp("share")
-    origin, store = root / "origin.git", root / "dvc-store"
+    origin = root / "origin.git"
+    s3 = tracking_server.s3
     run(root, "git", "init", "-q", "--bare", "-b", "main", str(origin))
     a = make_repo(root / "a")
     set_param(a, "mlflow", "experiment", MLFLOW_EXPERIMENT)
-    run(a, "dvc", "remote", "add", "-d", "store", str(store))
+    run(a, "dvc", "remote", "add", "-d", "store", f"s3://{s3.bucket}/{DVC_PREFIX}")
+    run(a, "dvc", "remote", "modify", "store", "endpointurl", s3.endpoint)
+    s3_credentials(a)
     run(a, "git", "commit", "-qam", "DVC remote; MLflow experiment of this test")
     run(a, "git", "remote", "add", "origin", str(origin))
     run(a, "git", "push", "-q", "origin", "main")
@@ -56,13 +64,47 @@ def pushed(tracking_server: TrackingServer, tmp_path_factory) -> Pushed:
     return Pushed(a, origin)
 
 
+def s3_credentials(clone: Path) -> None:
+    """The clone's S3 credentials, in .dvc/config.local (never committed), as each team member
+    keeps their own."""
+    for option in ("access_key_id", "secret_access_key"):
+        value = S3_CREDENTIALS[f"AWS_{option.upper()}"]
+        run(clone, "dvc", "remote", "modify", "--local", "store", option, value)
+
+
 def get_experiment(origin: Path, clone: Path) -> Path:
     """A fresh clone of ``origin`` with the pushed experiment applied and its outputs in place."""
     run(origin.parent, "git", "clone", "-q", str(origin), str(clone))
+    s3_credentials(clone)
     run(clone, "dvc", "exp", "pull", "origin", EXP_NAME)  # also fetches the outputs' cache
     run(clone, "dvc", "exp", "apply", EXP_NAME)  # params.yaml, dvc.lock, outputs of the exp
     run(clone, "dvc", "pull")  # here "Everything is up to date"; needed after --no-cache
     return clone
+
+
+def test_the_pushed_outputs_are_objects_in_the_bucket(pushed, tracking_server: TrackingServer):
+    """What `dvc exp push` sent: every output of the experiment (dvc.lock's md5s) is an object
+    of the DVC remote's folder in the bucket (DVC 3's layout: files/md5/<2>/<rest>)."""
+    lock = yaml.safe_load((pushed.a / "dvc.lock").read_text())
+    pipeline_file = yaml.safe_load((pushed.a / "dvc.yaml").read_text())
+    in_git = {  # outputs declared cache: false (reports/metrics.json) travel by git instead
+        path
+        for stage in pipeline_file["stages"].values()
+        for entry in stage.get("metrics", []) + stage.get("outs", [])
+        if isinstance(entry, dict)
+        for path, options in entry.items()
+        if options.get("cache") is False
+    }
+    md5s = {
+        out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+        if out["path"] not in in_git
+    }
+    assert len(md5s) >= 4, lock
+    stored = tracking_server.s3.keys(f"{DVC_PREFIX}/files/md5/")
+    names = {key.removeprefix(f"{DVC_PREFIX}/files/md5/").replace("/", "") for key in stored}
+    assert md5s <= names, sorted(md5s - names)
 
 
 def train_run_id(repo: Path) -> str:
