@@ -1,13 +1,12 @@
 """make search: the ask-and-tell loop on scripted experiments (tests/search_fakes.py) with real
 Optuna studies (pruning on hand-made curves, the shared budget, a search killed and continued,
 two processes on one journal file, a failed and a refused trial, Ctrl-C, confirmations), the
-numbers of the report against independent computations, and one search end to end on a
-fake-MNIST copy of the repository through DVC and MLflow."""
+numbers of the report against independent computations. The search end to end through DVC and
+MLflow, two machines on PostgreSQL, is tests/test_shared_search.py."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import statistics
@@ -20,7 +19,6 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from tests import test_compare
@@ -579,91 +577,6 @@ def test_a_password_in_the_storage_url_is_not_shown():
 
 
 # --- end to end --------------------------------------------------------------------------------
-
-
-def test_a_search_on_fake_mnist_through_dvc_and_mlflow(tmp_path):
-    """python -m vaelab.search as make search runs it, 3 trials, 2 at a time, on a fake-MNIST
-    copy of the repository: the first two (queued in the study beforehand, so the test knows
-    them) finish; the third, a learning rate 1000 times smaller, is pruned at its first epoch
-    against the first to finish. Each finished trial is a DVC experiment and a FINISHED child
-    run of the one parent; the pruned one is neither, its run KILLED with vaelab.pruned, and
-    nothing of it is left in the workspace, DVC's temporary copies, its refs or the queue."""
-    from tests.test_pipeline import client_for, make_repo, run, runs
-
-    repo = make_repo(tmp_path / "repo")
-    (repo / "searches").mkdir(exist_ok=True)
-    (repo / "searches" / "tiny.yaml").write_text(
-        "params:\n  train.lr: {low: 0.000001, high: 0.01, log: true}\n"
-        "  model.latent_dims: {choices: [2, 3]}\n"
-        "trials: 3\njobs: 2\npruner: {name: median, startup_trials: 1}\n"
-        # Epochs of a few tenths of a second (a wider net), so "within one epoch" means more
-        # than the time a look at MLflow takes.
-        "train.epochs: 20\nmodel.hidden: [1024, 1024]\nevaluate.iw_samples: 4\n"
-    )
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "a search")
-    # The study, made beforehand with the trials the test knows queued in it.
-    storage = search_study.open_storage("", repo / ".search" / "tiny.journal")
-    study = optuna.create_study(study_name="tiny", storage=storage)
-    # (With this net 0.02 collapses to a constant -ELBO, worse than 0.0001: the pruner was right
-    # to keep that one, and a test of pruning needs a trial that is worse throughout.)
-    for lr, latent in ((0.001, 3), (0.002, 2), (0.000001, 3)):
-        study.enqueue_trial({"train.lr": lr, "model.latent_dims": latent})
-    command = [sys.executable, "-m", "vaelab.search", "--search", "searches/tiny.yaml"]
-    command += ["--params", "params.yaml", "--pipeline", "dvc.yaml", "--state", ".search"]
-    command += ["--report", "reports/search.md", "--figures", "reports/search"]
-    output = run(repo, *command, timeout=600)
-    study = optuna.load_study(study_name="tiny", storage=storage)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED]
-    pruned = study.trials[2]
-    assert pruned.user_attrs[search_study.PRUNED_ATTR] == 1
-    assert "search: trial 2 pruned at epoch 1 (" in output, output
-    client = client_for(repo)
-    parent, *children = runs(repo)
-    assert parent.info.run_name == "tiny" and parent.info.status == "FINISHED"
-    assert parent.data.tags["vaelab.search"] == "tiny"
-    by_trial = {int(r.data.tags["vaelab.trial"]): r for r in children}
-    assert sorted(by_trial) == [0, 1, 2] and len(children) == 3
-    for number, child in by_trial.items():
-        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert child.info.run_name == child.data.tags["dvc.exp_name"] == f"tiny-{number}"
-    for number in (0, 1):
-        child = by_trial[number]
-        assert child.info.status == "FINISHED"
-        assert child.data.metrics["eval/val_iw/nll"] == study.trials[number].value
-        assert float(child.data.params["train.lr"]) == study.trials[number].params["train.lr"]
-    best = min(study.trials[:2], key=lambda t: t.value)
-    assert parent.data.tags["vaelab.best_trial"] == str(best.number)
-    # The pruned run: KILLED, stopped within an epoch of what the search had seen.
-    stopped = by_trial[2]
-    assert stopped.info.status == "KILLED" and stopped.data.tags["vaelab.pruned"] == "1"
-    seen = int(stopped.data.tags["vaelab.pruned_seen"])
-    epochs = [m.step for m in client.get_metric_history(stopped.info.run_id, "epoch/val/neg_elbo")]
-    assert max(epochs) <= seen + 1 < 20
-    # DVC: the two finished trials are experiments; nothing is left of the pruned one.
-    shown = run(repo, "dvc", "exp", "list", "--name-only").split()
-    assert sorted(shown) == ["tiny-0", "tiny-1"]
-    refs = run(repo, "git", "for-each-ref", "--format=%(refname)", "refs/exps")
-    assert "tiny-2" not in refs and "celery" not in refs
-    copies = repo / ".dvc" / "tmp" / "exps" / "standalone"
-    assert [p.name for p in copies.iterdir() if p.name.startswith("tmp")] == []
-    assert "No experiment tasks in the queue" in run(repo, "dvc", "queue", "status")
-    assert run(repo, "git", "status", "--porcelain", "--untracked-files=no") == ""
-    # DVC's run cache: the train stage of each finished trial, none of the pruned one.
-    trained = set()
-    for entry in (repo / ".dvc" / "cache" / "runs").glob("*/*/*"):
-        stage = yaml.safe_load(entry.read_text())
-        if "vaelab.train" in stage["cmd"]:
-            trained.add(stage["params"]["params.yaml"]["train"]["lr"])
-    assert trained == {0.001, 0.002}
-    # The report, also in the parent run.
-    report = (repo / "reports" / "search.md").read_text()
-    assert "3 trials (2 complete, 1 pruned, 0 failed)" in report
-    assert f"Best trial: {best.number}, eval/val_iw/nll = {best.value:.4f}" in report
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
-    assert {"search/search.md", "search/running_best.png", "search/pruned_curves.png"} <= logged
-    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"] == 2
-    assert not math.isnan(best.value)
 
 
 def test_a_confirmation_queued_twice_runs_once(tmp_path):

@@ -1,10 +1,12 @@
-"""A search shared by two machines (docs/search.md, docs/scale.md), as a team runs it: two clones
-of one repository run `make search` at the same time against one PostgreSQL study storage and
-one tracking server (the session's: PostgreSQL runs, S3 artifacts). They make one study and one
-parent run, run the trial budget between them and no trial twice.
+"""`make search` end to end, as a team runs it (docs/search.md, docs/scale.md): two clones of one
+repository run the search command at the same time against one PostgreSQL study storage and one
+tracking server (the session's: PostgreSQL runs, S3 artifacts), on fake MNIST through DVC and
+MLflow. They make one study and one parent run, run the trial budget between them and no trial
+twice; a hopeless trial is pruned at its first epoch and leaves nothing behind.
 
-The two "machines" are two clones on this one; each runs its trials as DVC experiments of its
-own workspace, and sees the other only through PostgreSQL and the tracking server."""
+The two "machines" are two clones on this one; each runs its trials as DVC experiments of its own
+workspace, and sees the other only through PostgreSQL and the tracking server. (The search's own
+default storage, a journal file, is what tests/test_search.py's processes share.)"""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from tests.test_pipeline import _env, make_repo, run, set_param
@@ -24,99 +27,155 @@ from vaelab import search_study
 pytestmark = pytest.mark.xdist_group("tracking_server")
 
 SEARCH = "shared"
-TRIALS = 3
 MLFLOW_EXPERIMENT = "vaelab-shared-search"  # not "vaelab": other tests count that one's runs
-SEARCH_FILE = f"""\
+SEARCH_FILE = """\
 params:
-  train.lr: {{low: 0.0005, high: 0.005, log: true}}
-  model.latent_dims: {{choices: [2, 3]}}
-trials: {TRIALS}
+  train.lr: {low: 0.000001, high: 0.01, log: true}
+  model.latent_dims: {choices: [2, 3]}
+trials: 3
 jobs: 1
-pruner: none
-confirm: {{top: 0}}
-train.epochs: 1
+pruner: {name: median, startup_trials: 1}
+# Epochs of a few tenths of a second (a wider net), so that "within one epoch" means more than
+# the time a look at MLflow takes.
+train.epochs: 20
+model.hidden: [1024, 1024]
 evaluate.iw_samples: 4
 """
+# Queued in the study beforehand, so the test knows them: two that finish, then a learning rate
+# 1000 times smaller, pruned at its first epoch against the first to finish. (With this net 0.02
+# collapses to a constant -ELBO, worse than 0.0001: a test of pruning needs a trial that is
+# worse throughout.)
+QUEUED = ((0.001, 3), (0.002, 2), (0.000001, 3))
 
 
 def search(clone: Path, storage: str, server: TrackingServer) -> subprocess.Popen:
-    """`make search SEARCH=searches/shared.yaml STORAGE=<storage>`'s command, started."""
+    """`make search SEARCH=searches/shared.yaml STORAGE=<storage>`'s command, started; its
+    output goes to <clone>.log beside the clone."""
     command = [sys.executable, "-m", "vaelab.search", "--search", f"searches/{SEARCH}.yaml"]
     command += ["--params", "params.yaml", "--pipeline", "dvc.yaml", "--state", ".search"]
     command += ["--report", "reports/search.md", "--figures", "reports/search"]
     command += ["--storage", storage]
     env = _env(clone) | {"MLFLOW_TRACKING_URI": server.url}
-    log = (clone.parent / f"{clone.name}.log").open("w")
-    return subprocess.Popen(
-        command, cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
-    )
+    with (clone.parent / f"{clone.name}.log").open("w") as log:
+        return subprocess.Popen(command, cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def test_two_machines_share_one_study_one_parent_and_the_budget(
-    tracking_server: TrackingServer, postgres, tmp_path
-):
-    origin = tmp_path / "origin.git"
-    run(tmp_path, "git", "init", "-q", "--bare", "-b", "main", str(origin))
-    a = make_repo(tmp_path / "a")
+def clones(root: Path) -> tuple[Path, Path]:
+    """Clone a, which commits the search file and pushes to a bare "origin", and clone b of it."""
+    origin = root / "origin.git"
+    run(root, "git", "init", "-q", "--bare", "-b", "main", str(origin))
+    a = make_repo(root / "a")
     set_param(a, "mlflow", "experiment", MLFLOW_EXPERIMENT)
     (a / "searches" / f"{SEARCH}.yaml").write_text(SEARCH_FILE)
     run(a, "git", "add", "-A")
     run(a, "git", "commit", "-qm", "a search shared by two machines")
     run(a, "git", "remote", "add", "origin", str(origin))
     run(a, "git", "push", "-q", "origin", "main")
-    b = tmp_path / "b"
-    run(tmp_path, "git", "clone", "-q", str(origin), str(b))
-    storage = postgres.create_database("optuna_shared")
+    run(root, "git", "clone", "-q", str(origin), str(root / "b"))
+    return a, root / "b"
 
-    processes = {clone.name: search(clone, storage, tracking_server) for clone in (a, b)}
+
+def runs_of(server: TrackingServer) -> list[tuple[dict, dict]]:
+    """(run, its tags) of every run in the search's MLflow experiment, from the REST API."""
+    experiment = server.get("experiments/get-by-name", experiment_name=MLFLOW_EXPERIMENT)
+    found = server.post(
+        "runs/search", {"experiment_ids": [experiment["experiment"]["experiment_id"]]}
+    )["runs"]
+    return [(r, {t["key"]: t["value"] for t in r["data"]["tags"]}) for r in found]
+
+
+def test_two_machines_share_one_study_one_parent_and_the_budget_and_prune(
+    tracking_server: TrackingServer, postgres, tmp_path
+):
+    a, b = clones(tmp_path)
+    storage = postgres.create_database("optuna_shared")
+    study = optuna.create_study(study_name=SEARCH, storage=storage)
+    for lr, latent in QUEUED:
+        study.enqueue_trial({"train.lr": lr, "model.latent_dims": latent})
+
+    processes = {clone: search(clone, storage, tracking_server) for clone in (a, b)}
     try:
         for process in processes.values():
             process.wait(timeout=900)
     finally:
         for process in processes.values():
             process.kill()
-    logs = {name: (tmp_path / f"{name}.log").read_text() for name in processes}
-    for name, process in processes.items():
-        assert process.returncode == 0, f"clone {name}:\n{logs[name]}"
+    logs = {c.name: (tmp_path / f"{c.name}.log").read_text() for c in processes}
+    for clone, process in processes.items():
+        assert process.returncode == 0, f"clone {clone.name}:\n{logs[clone.name]}"
 
-    # One study in the storage, its budget run once: every counted trial COMPLETE.
+    # One study in the storage, its budget run once: 2 COMPLETE, the third PRUNED at epoch 1.
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == [SEARCH]
     study = optuna.load_study(study_name=SEARCH, storage=storage)
     counted = search_study.counted(study.trials)
-    assert len(counted) == TRIALS and all(t.state == TrialState.COMPLETE for t in counted)
+    assert [t.state for t in counted] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED], logs
+    assert counted[2].user_attrs[search_study.PRUNED_ATTR] == 1
+    assert "search: trial 2 pruned at epoch 1 (" in logs["a"] + logs["b"], logs
     owners = {t.user_attrs[search_study.OWNER_ATTR] for t in counted}
     assert len(owners) == 2, f"one machine ran every trial: the test shows nothing\n{logs}"
-    # Each trial's experiment ran in one clone only: the clones' DVC experiments are disjoint
-    # and together the counted trials' (none launched for a withdrawn trial).
-    names = {t.user_attrs[search_study.EXPERIMENT_ATTR] for t in counted}
-    assert names == {f"{SEARCH}-{t.number}" for t in counted}
-    listed = {c: set(run(c, "dvc", "exp", "list", "--name-only").split()) for c in (a, b)}
-    assert listed[a] and listed[b] and not listed[a] & listed[b], listed
-    assert listed[a] | listed[b] == names
     numbers = {t.number for t in counted}
-    for t in study.trials:
+    for t in study.trials:  # a trial asked after the budget was taken is never launched
         if t.number not in numbers:
             assert search_study.EXPERIMENT_ATTR not in t.user_attrs, t.user_attrs
 
-    # One parent run on the server, FINISHED, with the trials as its FINISHED children.
-    experiment = tracking_server.get("experiments/get-by-name", experiment_name=MLFLOW_EXPERIMENT)
-    found = tracking_server.post(
-        "runs/search", {"experiment_ids": [experiment["experiment"]["experiment_id"]]}
-    )["runs"]
-    tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in found]
-    parents = [r for r, t in zip(found, tags, strict=True) if t.get("vaelab.kind") == "search"]
-    assert len(parents) == 1, [t.get("vaelab.kind") for t in tags]
-    (parent,) = parents
+    # DVC: the two finished trials are experiments, each of one clone only; nothing is left of
+    # the pruned one in either clone (experiments, refs, temporary copies, queue, workspace).
+    listed = {c: set(run(c, "dvc", "exp", "list", "--name-only").split()) for c in (a, b)}
+    assert not listed[a] & listed[b] and listed[a] | listed[b] == {f"{SEARCH}-0", f"{SEARCH}-1"}
+    trained = set()
+    for clone in (a, b):
+        refs = run(clone, "git", "for-each-ref", "--format=%(refname)", "refs/exps")
+        assert f"{SEARCH}-2" not in refs and "celery" not in refs
+        copies = clone / ".dvc" / "tmp" / "exps" / "standalone"
+        if copies.exists():
+            assert [p.name for p in copies.iterdir() if p.name.startswith("tmp")] == []
+        assert "No experiment tasks in the queue" in run(clone, "dvc", "queue", "status")
+        assert run(clone, "git", "status", "--porcelain", "--untracked-files=no") == ""
+        assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["epochs"] == 2
+        # DVC's run cache: the train stage of each finished trial, none of the pruned one.
+        for entry in (clone / ".dvc" / "cache" / "runs").glob("*/*/*"):
+            stage = yaml.safe_load(entry.read_text())
+            if "vaelab.train" in stage["cmd"]:
+                trained.add(stage["params"]["params.yaml"]["train"]["lr"])
+    assert trained == {0.001, 0.002}
+
+    # MLflow: one parent run on the server, FINISHED, naming the best trial; the trials its
+    # children, the finished ones FINISHED with the study's values, the pruned one KILLED
+    # within an epoch of what the search had seen; no other run.
+    found = runs_of(tracking_server)
+    parents = [(r, tags) for r, tags in found if tags.get("vaelab.kind") == "search"]
+    assert len(parents) == 1, [tags.get("vaelab.kind") for _, tags in found]
+    ((parent, parent_tags),) = parents
     assert parent["info"]["status"] == "FINISHED" and parent["info"]["run_name"] == SEARCH
+    best = min(counted[:2], key=lambda t: t.value)
+    assert parent_tags["vaelab.best_trial"] == str(best.number)
     children = {
-        int(t["vaelab.trial"]): r
-        for r, t in zip(found, tags, strict=True)
-        if t.get("mlflow.parentRunId") == parent["info"]["run_id"]
+        int(tags["vaelab.trial"]): (r, tags)
+        for r, tags in found
+        if tags.get("mlflow.parentRunId") == parent["info"]["run_id"]
     }
-    assert sorted(children) == sorted(t.number for t in counted)
-    assert len(found) == 1 + TRIALS  # nothing else: no trial logged twice
-    for t in counted:
-        child = children[t.number]
+    assert sorted(children) == [0, 1, 2] and len(found) == 4
+    for number in (0, 1):
+        child, tags = children[number]
         assert child["info"]["status"] == "FINISHED"
+        assert child["info"]["run_name"] == tags["dvc.exp_name"] == f"{SEARCH}-{number}"
         metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
-        assert metrics["eval/val_iw/nll"] == t.value
+        assert metrics["eval/val_iw/nll"] == counted[number].value
+        params = {p["key"]: p["value"] for p in child["data"]["params"]}
+        assert float(params["train.lr"]) == counted[number].params["train.lr"]
+    stopped, tags = children[2]
+    assert stopped["info"]["status"] == "KILLED" and tags["vaelab.pruned"] == "1"
+    history = tracking_server.get(
+        "metrics/get-history", run_id=stopped["info"]["run_id"], metric_key="epoch/val/neg_elbo"
+    )
+    seen = int(tags["vaelab.pruned_seen"])
+    assert max(m["step"] for m in history["metrics"]) <= seen + 1 < 20
+
+    # The report of each clone (the last to finish has every trial), also in the parent run.
+    reports = [(c / "reports" / "search.md").read_text() for c in (a, b)]
+    assert any("3 trials (2 complete, 1 pruned, 0 failed)" in r for r in reports), reports
+    line = f"Best trial: {best.number}, eval/val_iw/nll = {best.value:.4f}"
+    assert all(line in r for r in reports if "3 trials" in r)
+    listed = tracking_server.get("artifacts/list", run_id=parent["info"]["run_id"], path="search")
+    logged = {entry["path"] for entry in listed.get("files", [])}
+    assert {"search/search.md", "search/running_best.png", "search/pruned_curves.png"} <= logged
