@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import N_TRAIN, write_fake_mnist
+from tests.services import free_port
 from tests.test_faults import TIMING, client, env_for, train_args, train_cmd, write_params
 from vaelab import distributed
 from vaelab import params as params_mod
@@ -602,3 +604,206 @@ def test_torchrun_by_hand_without_its_own_stores_is_warned_about(monkeypatch):
         "--max-restarts=3",
         "-m",
     ]
+
+
+# Two machines, simulated: two torchrun agents on this machine join one c10d rendezvous as two
+# nodes of one process each, started as docs/scale.md says for several machines (its two
+# variables set where torchrun starts: OMP_NUM_THREADS = 2 cores / 2 processes on this machine).
+NODE_ENVIRONMENT = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+NODE_TIMEOUT_S = 240  # both agents together; ~20 s idle, ~30 s with a restart
+
+
+@dataclass(frozen=True)
+class TwoNodes:
+    """What two nodes left: each node's folder (its data, params, outputs and agent.log, as a
+    machine of its own holds), the folder both see (the checkpoint) and the MLflow store."""
+
+    nodes: tuple[Path, Path]
+    shared: Path
+    store: Path
+
+    def rank_0(self) -> tuple[Path, Path]:
+        """(rank 0's node, the other node). Which agent gets rank 0 is the c10d rendezvous's
+        choice (it sorts the nodes by host name, then agent pid), so it is read from where the
+        model was written; the other node must have written nothing of its own."""
+        written = [node for node in self.nodes if (node / "out" / "vae.pt").exists()]
+        assert len(written) == 1, f"models written on {written}\n{self.logs()}"
+        (main,) = written
+        (other,) = (node for node in self.nodes if node != main)
+        assert list((other / "out").iterdir()) == [], self.logs()
+        return main, other
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {node.name}'s torchrun:\n{(node / 'agent.log').read_text()[-4000:]}"
+            for node in self.nodes
+        )
+
+
+def train_on_two_nodes(folder: Path, data_dir: Path, *program: str, max_restarts: int) -> TwoNodes:
+    """Train 2 epochs on two torchrun nodes in ``folder``: each node runs ``program`` (after
+    torchrun's options: ``-m vaelab.train`` or a script, then its arguments) followed by the
+    train stage's arguments with its own copy of the data and params and its own outputs, and
+    the checkpoint in ``folder``/shared. Fails with both agents' output unless both end well;
+    never outlives NODE_TIMEOUT_S (both process groups are killed on the way out)."""
+    shared = folder / "shared"
+    shared.mkdir()
+    store = folder / "mlflow.db"
+    # A port taken meanwhile leaves both agents waiting to join: the timeout below, with the logs.
+    port = free_port()
+    agents: list[subprocess.Popen] = []
+    nodes = tuple(folder / f"node{n}" for n in (0, 1))
+    try:
+        for node in nodes:
+            (node / "out").mkdir(parents=True)
+            shutil.copytree(data_dir, node / "MNIST")
+            params = write_params(
+                node / "params.yaml", nproc=2, batch_size=32, max_restarts=max_restarts
+            )
+            args = train_args(params, node / "MNIST", node / "out")
+            args[args.index("--checkpoint") + 1] = str(shared / "checkpoint.pt")
+            torchrun_node = [
+                *(sys.executable, "-m", "torch.distributed.run"),
+                *("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d"),
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=vaelab-two-nodes",
+                f"--max-restarts={max_restarts}",
+            ]
+            with (node / "agent.log").open("w") as log:
+                agents.append(
+                    subprocess.Popen(
+                        [*torchrun_node, *program, *args],
+                        cwd=node,
+                        env=env_for(store) | NODE_ENVIRONMENT,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        deadline = time.monotonic() + NODE_TIMEOUT_S
+        for agent in agents:
+            agent.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        late = TwoNodes(nodes, shared, store)
+        pytest.fail(f"two nodes still running after {NODE_TIMEOUT_S} s\n{late.logs()}")
+    finally:
+        for agent in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGKILL)
+    result = TwoNodes(nodes, shared, store)
+    codes = [agent.returncode for agent in agents]
+    assert codes == [0, 0], f"torchrun exit codes {codes}\n{result.logs()}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory, uninterrupted) -> TwoNodes:
+    """One uninterrupted training of 2 epochs on two torchrun nodes (same params, seed and
+    global batch as the 2-process run of ``uninterrupted``)."""
+    data_dir, _ = uninterrupted
+    folder = tmp_path_factory.mktemp("two-nodes")
+    return train_on_two_nodes(folder, data_dir, "-m", "vaelab.train", max_restarts=0)
+
+
+def test_two_torchrun_nodes_train_as_two_processes_on_one_machine(uninterrupted, two_nodes):
+    """torchrun started by hand on two nodes gives the weights of `python -m vaelab.train` with
+    train.nproc: 2 (within float reduction order; measured: bit for bit), one MLflow run (rank
+    0's), the user's OMP_NUM_THREADS in the processes (rank 0's torch.threads tag; on its own,
+    with one process a node, it would take both cores) and nothing written by the other node."""
+    _, results = uninterrupted
+    main, _ = two_nodes.rank_0()
+    worst = largest_difference(weights(main / "out"), weights(results[2]))
+    print(f"max |weight difference| 2 nodes vs 2 processes on one: {worst:.3g}")
+    assert worst < TOLERANCE, worst
+    run = the_run(two_nodes.store)
+    assert run.data.tags["world_size"] == "2", run.data.tags
+    assert run.data.tags["torch.threads"] == NODE_ENVIRONMENT["OMP_NUM_THREADS"]
+    assert "vaelab.restarts" not in run.data.tags
+    for key in history_metrics("val"):
+        steps = client(two_nodes.store).get_metric_history(run.info.run_id, key)
+        assert [m.step for m in steps] == [1, 2], key
+    assert list(two_nodes.shared.iterdir()) == []  # the finished run leaves no checkpoint
+
+
+def test_a_process_lost_on_the_other_node_is_restarted_and_resumes_bit_identical(
+    tmp_path, uninterrupted, two_nodes
+):
+    """SIGKILL of rank 1, on the node without rank 0, early in epoch 2, both agents with
+    --max-restarts 1: its torchrun restarts it, the other one restarts rank 0 for the new
+    rendezvous, both resume from epoch 1's checkpoint on the shared folder, and the run ends
+    as the uninterrupted two-node run: the same weights bit for bit, the same history, one
+    MLflow run with each epoch logged once, tagged with the restart although rank 0's torchrun
+    did not count it (distributed.group_restart_count)."""
+    data_dir, _ = uninterrupted
+    script = tmp_path / "worker.py"
+    script.write_text(KILL_AFTER_CHECKPOINT)
+    killed = train_on_two_nodes(tmp_path, data_dir, str(script), "1", "1", max_restarts=1)
+    main, other = killed.rank_0()
+    log = (main / "agent.log").read_text()
+    assert "exitcode: -9" in (other / "agent.log").read_text(), killed.logs()
+    # The user's TORCH_DISABLE_SHARE_RDZV_TCP_STORE reached the processes (else rank 0 warns).
+    assert "warning: torchrun may restart these processes" not in log, log
+    assert f"train: resuming after epoch 1 from {killed.shared / 'checkpoint.pt'}" in log, log
+    expected, got = weights(two_nodes.rank_0()[0] / "out"), weights(main / "out")
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert without_timing(main / "out") == without_timing(two_nodes.rank_0()[0] / "out")
+    run = the_run(killed.store)
+    assert run.info.status == "RUNNING"  # record completes it, as after any train stage
+    assert "vaelab.error" not in run.data.tags
+    assert run.data.tags["vaelab.restarts"] == "1"
+    assert run.data.tags["vaelab.resumed_after_epoch"] == "1"
+    for key in history_metrics("val"):
+        steps = client(killed.store).get_metric_history(run.info.run_id, key)
+        assert [m.step for m in steps] == [1, 2], key
+    assert list(killed.shared.iterdir()) == []
+
+
+def test_ranks_whose_torchruns_counted_a_restart_differently_stop_together(
+    tmp_path, uninterrupted
+):
+    """A restart after a final failure as two machines' torchruns see it when rank 1 on node 1
+    failed first: rank 1 with TORCHELASTIC_RESTART_COUNT=1, rank 0 with 0 (its torchrun
+    restarted healthy processes for the new rendezvous without counting it). Two `python -m
+    vaelab.train` processes with that environment, joined without torchrun (a few seconds):
+    both stop with the failure's message before training, and the message stays. Going by
+    each rank's own count, rank 0 removed the message and waited alone for rank 1, which had
+    stopped (or, had rank 0 removed it first, both trained again). The restart's tag, which
+    rank 0's own count also left out, is checked on real torchrun nodes above."""
+    data_dir, _ = uninterrupted
+    out = tmp_path / "out"
+    out.mkdir()
+    params = write_params(out / "params.yaml", nproc=2, batch_size=32, max_restarts=1)
+    stopped = out / "checkpoint.pt.stopped"
+    reason = "the training loss became NaN or infinite at epoch 1, step 3 (rank 1 saw it)."
+    stopped.write_text(reason)
+    machine = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    machine |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    machine |= {"TORCHELASTIC_MAX_RESTARTS": "1", "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen(
+            train_cmd(params, data_dir, out),
+            env=env_for(tmp_path / "mlflow.db")
+            | machine
+            | {"RANK": rank, "TORCHELASTIC_RESTART_COUNT": rank},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in ("0", "1")
+    ]
+    try:
+        outputs = [process.communicate(timeout=120) for process in processes]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank still runs after 120 s: it did not stop with the other")
+    finally:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    assert [process.returncode for process in processes] == [2, 2], outputs
+    for _, stderr in outputs:
+        last = stderr.strip().splitlines()[-1]
+        assert last == f"error: not restarted after a final failure: {reason}", stderr
+    assert stopped.read_text() == reason
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt.stopped", "params.yaml"]

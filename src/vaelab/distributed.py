@@ -263,38 +263,63 @@ def unrestartable_warning() -> str | None:
 
 
 def restart_count() -> int:
-    """How often torchrun has restarted this worker group (0: the first start, or no torchrun)."""
+    """How often this machine's torchrun has restarted its processes (0: the first start, or no
+    torchrun). On several machines see ``group_restart_count``."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def group_restart_count(world: World) -> int:
+    """How often torchrun has restarted the processes of all machines: the largest count of any
+    rank (one collective call under DDP).
+
+    Why not this rank's own: each machine's torchrun counts only the failures of its own
+    processes. When a process on another machine fails, that machine's torchrun restarts and
+    waits for a new rendezvous, and this machine's torchrun, whose processes still look
+    healthy, restarts them for the new round without counting it ("membership changes do not
+    count as retries", torch 2.14.1, torch/distributed/elastic/agent/server/api.py,
+    ``_invoke_run``). Seen here with two torchrun nodes and node 1's process killed: rank 0 came
+    back with TORCHELASTIC_RESTART_COUNT=0, rank 1 with 1."""
+    return max(int(count) for count in gather(restart_count(), world))
+
+
+class NotRestarted(VaelabError):
+    """A restarted group that found a final failure's message: it stops before training."""
 
 
 class FinalStop:
     """A failure torchrun must not restart: a divergence, a refusal, a Ctrl-C or SIGTERM the
     ranks agreed on (``VaelabError``, ``KeyboardInterrupt``). torchrun restarts a failed worker
     group whatever the reason, so rank 0 leaves the failure's message in ``path`` (beside the
-    checkpoint); a restarted group finds it and stops at once with it, instead of training
-    again. A first start removes an old one. A lost process (killed, out of memory, a node gone)
-    fails the others' collective calls with a ``RuntimeError``: that is what restarts are for.
-    In a single process it does nothing."""
+    checkpoint); a restarted group finds it as soon as its ranks have joined and stops with it,
+    instead of training again. A first start removes an old one. A lost process (killed, out
+    of memory, a node gone) fails the others' collective calls with a ``RuntimeError``: that is
+    what restarts are for. In a single process it does nothing."""
 
     def __init__(self, path: Path, world: World) -> None:
         self.path = path
         self.world = world
 
-    def check(self) -> None:
-        """Stop a restarted group after a final failure; forget an old one on a first start."""
+    def check(self, restarts: int) -> None:
+        """Stop a restarted group after a final failure; forget an old one on a first start.
+        ``restarts``: the group's count (``group_restart_count``), the same on every rank, so
+        all ranks stop or none does; with each machine's own count a rank whose torchrun did
+        not count the restart went on training alone (and removed the file)."""
         if self.world.size == 1:
             return
-        if restart_count() == 0:
+        if restarts == 0:
             if self.world.is_main:
                 self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            raise VaelabError(f"not restarted after a final failure: {self.path.read_text()}")
+            raise NotRestarted(f"not restarted after a final failure: {self.path.read_text()}")
 
     @contextlib.contextmanager
     def recorded(self) -> Iterator[None]:
-        """Record a final failure raised inside the block (rank 0; DDP only)."""
+        """Record a final failure raised inside the block (rank 0; DDP only); ``check``'s own
+        stop leaves the first failure's message as it is."""
         try:
             yield
+        except NotRestarted:
+            raise
         except (VaelabError, KeyboardInterrupt) as error:
             if self.world.size > 1 and self.world.is_main:
                 reason = str(error) or "interrupted (Ctrl-C or SIGTERM)"

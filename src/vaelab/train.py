@@ -46,15 +46,14 @@ def main(argv: list[str] | None = None) -> None:
         argv = sys.argv[1:] if argv is None else list(argv)
         distributed.launch(params.train.nproc, argv, params.train.max_restarts)
         return
-    # Under torchrun: a restarted group after a divergence or Ctrl-C stops at once.
+    # Under torchrun: a restarted group after a divergence or Ctrl-C stops once joined.
     final = distributed.FinalStop(
         args.checkpoint.with_name(f"{args.checkpoint.name}.stopped"), world
     )
-    final.check()
     # Ctrl-C / SIGTERM: stop between two steps.
     stop = distributed.StopFlag(repeat_stops_at_once=world.size == 1)
     with stop.installed(), final.recorded():
-        train_stage(args, params, world=world, stop=stop)
+        train_stage(args, params, world=world, stop=stop, final=final)
 
 
 def train_stage(
@@ -63,9 +62,11 @@ def train_stage(
     *,
     world: distributed.World,
     stop: distributed.StopFlag,
+    final: distributed.FinalStop,
 ) -> None:
-    """Load the data, join the DDP group if there is one, agree on the checkpoint to resume
-    from, train (rank 0 also writes checkpoints and records).
+    """Load the data, join the DDP group if there is one, stop there if it is a group torchrun
+    restarted after a final failure, agree on the checkpoint to resume from, train (rank 0 also
+    writes checkpoints and records).
 
     The held-out images: the validation split (the training file's last ``data.validation``
     images, never trained on); the test set only without one (``data.validation: 0``), so that
@@ -87,6 +88,8 @@ def train_stage(
         if warning and world.is_main:
             print(warning, file=sys.stderr, flush=True)
     try:
+        restarts = distributed.group_restart_count(world)  # all machines' torchruns' count
+        final.check(restarts)
         checksums = json.loads((args.data_dir / CHECKSUMS_FILE).read_text())
         checkpoint = checkpoints.CheckpointFile.of(
             args.checkpoint, params=params, device=device, checksums=checksums
@@ -104,6 +107,7 @@ def train_stage(
                 checkpoint=checkpoint,
                 resume=resume,
                 checksums=checksums,
+                restarts=restarts,
             )
         else:  # the other DDP ranks train; rank 0 writes and logs
             train_model(
@@ -130,10 +134,12 @@ def train_and_record(
     checkpoint: checkpoints.CheckpointFile,
     resume: dict | None,
     checksums: dict,
+    restarts: int,
 ) -> None:
     """Rank 0's part (the only part without DDP): train from ``resume`` (or from scratch),
     write a checkpoint after every epoch, log to MLflow, write the model, history and run info.
-    ``images``: (train, held out: validation, else test)."""
+    ``images``: (train, held out: validation, else test); ``restarts``: torchrun's restarts of
+    the processes (``distributed.group_restart_count``)."""
     ddp = f", {world.size} DDP processes" if world.size > 1 else ""
     held = params.data.validation
     split = f" ({held} held out for validation)" if held else " (no validation split)"
@@ -148,7 +154,7 @@ def train_and_record(
             resume_run_id=resume["run_id"] if resume else None,
             history=rows,
             world_size=world.size,
-            restarts=distributed.restart_count(),
+            restarts=restarts,
         ) as run:
 
             def on_epoch(row: dict[str, float]) -> None:
