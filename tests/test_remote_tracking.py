@@ -10,26 +10,17 @@ tests/tracking_server.py), shared with test_ui_browser.py.
 from __future__ import annotations
 
 import hashlib
-import io
-import subprocess
-import sys
 
-import numpy as np
 import pytest
-import torch
 
-from tests import test_tracking
-from tests.conftest import PROJECT
-from tests.test_pipeline import EVAL_METRICS, EXPERIMENT, _env
-from tests.tracking_server import ARTIFACTS_PREFIX, pipeline
+from tests.test_pipeline import EVAL_METRICS, EXPERIMENT
+from tests.tracking_server import ARTIFACTS_PREFIX
 from vaelab import params as params_mod
 from vaelab.files import md5_of
 from vaelab.history import metrics as history_metrics
-from vaelab.model import load
 from vaelab.plot import FIGURES
 from vaelab.tracking import ui
 from vaelab.tracking.models import MODEL_TAG
-from vaelab.tracking.reproduction import REPRODUCED_BY_TAG, VERDICT_TAG
 from vaelab.tracking.store import connect
 
 # Under `pytest -n 2 --dist loadgroup` (make test) the tests of the shared tracking server run in
@@ -149,90 +140,6 @@ def test_the_runs_are_rows_of_the_postgresql_database(filled_server, postgres):
         )
         epochs = params_mod.load(params_file).train.epochs
         assert [step for (step,) in steps] == list(range(1, epochs + 1))
-
-
-def test_make_register_names_a_champion_that_loads_through_the_server_without_vaelab(
-    filled_server,
-):
-    """`make register` against the server, then `models:/vaelab-vae@champion` loaded in a
-    Python where vaelab cannot be imported, with only MLFLOW_TRACKING_URI set (no S3 endpoint
-    or credentials: the model comes through the server's proxy)."""
-    server, repo = filled_server.server, filled_server.repo
-    output = pipeline(
-        repo, server, sys.executable, "-m", "vaelab.register", "--params", "params.yaml"
-    )
-    assert "models:/vaelab-vae@champion -> version" in output, output
-    alias = server.get("registered-models/alias", name="vaelab-vae", alias="champion")
-    champion = alias["model_version"]["run_id"]
-    # Independently of vaelab's ranking: the lowest validation IW-NLL among the two runs (a
-    # reproduction, which another test here may add, is left out of the registry).
-    values = {
-        run["info"]["run_id"]: {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        for run in filled_server.runs
-    }
-    assert champion == min(values, key=lambda run_id: values[run_id]["eval/val_iw/nll"])
-
-    env = {k: v for k, v in _env(repo).items() if not k.startswith("AWS_")}
-    env["MLFLOW_TRACKING_URI"] = server.url
-    script = test_tracking.LOAD_WITHOUT_VAELAB
-    done = subprocess.run(
-        [sys.executable, "-c", script, "models:/vaelab-vae@champion", "5", str(PROJECT / "src")],
-        env=env,
-        cwd=repo,
-        capture_output=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    predicted = np.load(io.BytesIO(done.stdout))
-    pixels = np.random.default_rng(0).random((5, 784), dtype=np.float32)
-    with torch.inference_mode():
-        weights = load(repo / "models" / "vae.pt")  # both runs' model (the second reused it)
-        expected = weights.encode(torch.from_numpy(pixels).view(-1, 1, 28, 28))[0]
-    np.testing.assert_allclose(predicted, expected.numpy(), atol=1e-5, rtol=0)
-
-
-def test_make_reproduce_of_a_server_run_comes_out_identical(filled_server, tmp_path):
-    """`make reproduce RUN=<id>` of the `dvc repro` run on the server: a clone trains it again
-    and logs the reproduction to the server; checked here from the bucket and the REST API."""
-    server, repo = filled_server.server, filled_server.repo
-    original = filled_server.runs[0]["info"]["run_id"]
-    env = _env(repo) | {"MLFLOW_TRACKING_URI": server.url, "TMPDIR": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-m", "vaelab.reproduce", "--params", "params.yaml", original],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "reproduce: identical:" in done.stdout, done.stdout
-    assert list(tmp_path.glob("vaelab-reproduce-*")) == []  # the clone is gone
-    tags = {
-        t["key"]: t["value"]
-        for t in server.get("runs/get", run_id=original)["run"]["data"]["tags"]
-    }
-    assert tags[VERDICT_TAG] == "identical"
-    again = server.get("runs/get", run_id=tags[REPRODUCED_BY_TAG])["run"]
-    assert again["info"]["status"] == "FINISHED"
-    # Identical, seen independently: the same weights bytes in the bucket, every per-epoch
-    # and evaluation metric equal.
-    s3 = server.s3
-    first, second = (
-        s3.client()
-        .get_object(Bucket=s3.bucket, Key=_in_bucket(filled_server, run) + "model/vae.pt")["Body"]
-        .read()
-        for run in (filled_server.runs[0], again)
-    )
-    assert first == second
-    timings = {"epoch_seconds", "images_per_second"}  # how long, not what was learnt
-    for key in [*EVAL_METRICS, *(set(history_metrics("val")) - timings)]:
-        histories = [
-            [
-                (m["step"], m["value"])
-                for m in server.get("metrics/get-history", run_id=run_id, metric_key=key)[
-                    "metrics"
-                ]
-            ]
-            for run_id in (original, again["info"]["run_id"])
-        ]
-        assert histories[0] == histories[1] != [], key
 
 
 def test_an_experiment_created_meanwhile_by_another_process_is_used(tracking_server, monkeypatch):

@@ -2,7 +2,13 @@
 repository run the search command at the same time against one PostgreSQL study storage and one
 tracking server (the session's: PostgreSQL runs, S3 artifacts), on fake MNIST through DVC and
 MLflow. They make one study and one parent run, run the trial budget between them and no trial
-twice; a hopeless trial is pruned at its first epoch and leaves nothing behind.
+twice; a hopeless trial is pruned at its first epoch and leaves nothing behind. Then, on the same
+server, `make register` names the best trial's model champion, which loads without vaelab, and
+`make reproduce` of that trial comes out identical.
+
+(Those two use the search's MLflow experiment rather than the one test_remote_tracking.py and
+the browser tests fill: a registered version and a reproduction run would change what the UI
+shows of that one.)
 
 The two "machines" are two clones on this one; each runs its trials as DVC experiments of its own
 workspace, and sees the other only through PostgreSQL and the tracking server. (The search's own
@@ -10,18 +16,26 @@ default storage, a journal file, is what tests/test_search.py's processes share.
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
+from tests import test_tracking
+from tests.conftest import PROJECT
 from tests.test_pipeline import _env, make_repo, run, set_param
-from tests.tracking_server import TrackingServer
+from tests.tracking_server import ARTIFACTS_PREFIX, TrackingServer, pipeline
 from vaelab import search_study
+from vaelab.model import load
+from vaelab.tracking.reproduction import REPRODUCED_BY_TAG, VERDICT_TAG
 
 # The session's tracking server and PostgreSQL: one worker under `make test` (loadgroup).
 pytestmark = pytest.mark.xdist_group("tracking_server")
@@ -84,10 +98,22 @@ def runs_of(server: TrackingServer) -> list[tuple[dict, dict]]:
     return [(r, {t["key"]: t["value"] for t in r["data"]["tags"]}) for r in found]
 
 
-def test_two_machines_share_one_study_one_parent_and_the_budget_and_prune(
-    tracking_server: TrackingServer, postgres, tmp_path
-):
-    a, b = clones(tmp_path)
+@dataclass(frozen=True)
+class Searched:
+    """The two clones after their search, the study's storage URL and each clone's output."""
+
+    a: Path
+    b: Path
+    storage: str
+    logs: dict[str, str]  # clone name -> the search command's output
+
+
+@pytest.fixture(scope="module")
+def searched(tracking_server: TrackingServer, postgres, tmp_path_factory) -> Searched:
+    """Two clones that ran the search at once: the trials queued in a PostgreSQL study first,
+    then both commands started together and waited for. Read it, never change it."""
+    root = tmp_path_factory.mktemp("shared-search")
+    a, b = clones(root)
     storage = postgres.create_database("optuna_shared")
     study = optuna.create_study(study_name=SEARCH, storage=storage)
     for lr, latent in QUEUED:
@@ -100,10 +126,16 @@ def test_two_machines_share_one_study_one_parent_and_the_budget_and_prune(
     finally:
         for process in processes.values():
             process.kill()
-    logs = {c.name: (tmp_path / f"{c.name}.log").read_text() for c in processes}
+    logs = {c.name: (root / f"{c.name}.log").read_text() for c in processes}
     for clone, process in processes.items():
         assert process.returncode == 0, f"clone {clone.name}:\n{logs[clone.name]}"
+    return Searched(a, b, storage, logs)
 
+
+def test_two_machines_share_one_study_one_parent_and_the_budget_and_prune(
+    searched: Searched, tracking_server: TrackingServer
+):
+    a, b, storage, logs = searched.a, searched.b, searched.storage, searched.logs
     # One study in the storage, its budget run once: 2 COMPLETE, the third PRUNED at epoch 1.
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == [SEARCH]
     study = optuna.load_study(study_name=SEARCH, storage=storage)
@@ -179,3 +211,103 @@ def test_two_machines_share_one_study_one_parent_and_the_budget_and_prune(
     listed = tracking_server.get("artifacts/list", run_id=parent["info"]["run_id"], path="search")
     logged = {entry["path"] for entry in listed.get("files", [])}
     assert {"search/search.md", "search/running_best.png", "search/pruned_curves.png"} <= logged
+
+
+def trial_runs(server: TrackingServer) -> dict[int, tuple[dict, dict]]:
+    """{trial number: (run, tags)} of the search's FINISHED trials on the server."""
+    return {
+        int(tags["vaelab.trial"]): (r, tags)
+        for r, tags in runs_of(server)
+        if "vaelab.trial" in tags and r["info"]["status"] == "FINISHED"
+    }
+
+
+def weights_of(server: TrackingServer, run: dict) -> bytes:
+    """The run's model/vae.pt as the bucket holds it (proxied: mlflow-artifacts:/<x> is
+    s3://<bucket>/mlflow/<x>)."""
+    prefix = run["info"]["artifact_uri"].removeprefix("mlflow-artifacts:/").lstrip("/")
+    s3 = server.s3
+    key = f"{ARTIFACTS_PREFIX}/{prefix}/model/vae.pt"
+    return s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+
+
+def test_make_register_names_the_best_trial_champion_and_it_loads_without_vaelab(
+    searched: Searched, tracking_server: TrackingServer, tmp_path
+):
+    """`make register` against the server, then `models:/vaelab-vae@champion` loaded in a
+    Python where vaelab cannot be imported, with only MLFLOW_TRACKING_URI set (no S3 endpoint
+    or credentials: the model comes through the server's proxy)."""
+    server, repo = tracking_server, searched.a
+    done = pipeline(
+        repo, server, sys.executable, "-m", "vaelab.register", "--params", "params.yaml"
+    )
+    assert "models:/vaelab-vae@champion -> version" in done, done
+    alias = server.get("registered-models/alias", name="vaelab-vae", alias="champion")
+    champion = alias["model_version"]["run_id"]
+    # Independently of vaelab's ranking: the finished trial with the lowest value in the study.
+    trials = trial_runs(server)
+    study = optuna.load_study(study_name=SEARCH, storage=searched.storage)
+    best = min((t for t in study.trials if t.number in trials), key=lambda t: t.value)
+    champion_run, _ = trials[best.number]
+    assert champion == champion_run["info"]["run_id"]
+
+    env = {k: v for k, v in _env(repo).items() if not k.startswith("AWS_")}
+    env["MLFLOW_TRACKING_URI"] = server.url
+    script = test_tracking.LOAD_WITHOUT_VAELAB
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, "models:/vaelab-vae@champion", "5", str(PROJECT / "src")],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr.decode()[-3000:]
+    predicted = np.load(io.BytesIO(loaded.stdout))
+    (tmp_path / "vae.pt").write_bytes(weights_of(server, champion_run))
+    pixels = np.random.default_rng(0).random((5, 784), dtype=np.float32)
+    with torch.inference_mode():
+        model = load(tmp_path / "vae.pt")
+        expected = model.encode(torch.from_numpy(pixels).view(-1, 1, 28, 28))[0]
+    assert predicted.shape == (5, best.params["model.latent_dims"])
+    np.testing.assert_allclose(predicted, expected.numpy(), atol=1e-5, rtol=0)
+
+
+def test_make_reproduce_of_a_trial_on_the_server_comes_out_identical(
+    searched: Searched, tracking_server: TrackingServer, tmp_path
+):
+    """`make reproduce RUN=<id>` of a finished trial, in the clone that ran it (its DVC
+    experiment is there): a clone trains it again and logs the reproduction to the server;
+    checked here from the bucket and the REST API."""
+    server = tracking_server
+    number, (original, tags) = min(trial_runs(server).items())
+    ran_it = next(c for c in (searched.a, searched.b) if tags["dvc.exp_name"] in
+                  run(c, "dvc", "exp", "list", "--name-only").split())  # fmt: skip
+    run_id = original["info"]["run_id"]
+    env = _env(ran_it) | {"MLFLOW_TRACKING_URI": server.url, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "vaelab.reproduce", "--params", "params.yaml", run_id],
+        cwd=ran_it, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "reproduce: identical:" in done.stdout, done.stdout
+    assert list(tmp_path.glob("vaelab-reproduce-*")) == []  # the clone is gone
+    after = server.get("runs/get", run_id=run_id)["run"]
+    after_tags = {t["key"]: t["value"] for t in after["data"]["tags"]}
+    assert after_tags[VERDICT_TAG] == "identical"
+    again = server.get("runs/get", run_id=after_tags[REPRODUCED_BY_TAG])["run"]
+    assert again["info"]["status"] == "FINISHED"
+    # Identical, seen independently: the same weights bytes in the bucket, every metric that is
+    # a result (not a timing) equal at every step.
+    assert weights_of(server, original) == weights_of(server, again)
+    timings = {"epoch_seconds", "images_per_second"}  # how long, not what was learnt
+    keys = {m["key"] for m in original["data"]["metrics"]} - timings
+    assert {"eval/val_iw/nll", "epoch/val/neg_elbo"} <= keys
+    for key in sorted(keys):
+        histories = [
+            sorted(
+                (m["step"], m["value"])
+                for m in server.get("metrics/get-history", run_id=r, metric_key=key)["metrics"]
+            )
+            for r in (run_id, again["info"]["run_id"])
+        ]
+        assert histories[0] == histories[1] != [], (number, key)
