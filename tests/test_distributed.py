@@ -258,16 +258,17 @@ def barrier_then_kill(world):
 distributed.barrier = barrier_then_kill
 run_stage(lambda: train.main(argv))
 """
-# The same, but on rank 1 the checkpoint reads otherwise than on rank 0: HOW is "missing" (a
-# node that does not see the file) or "other-code" (a node running other code).
+# The same, but on rank 1 the checkpoint reads otherwise than on rank 0: HOW is "own-path" (its
+# own path on a node, where the file is not) or "other-code" (a node running other code).
 # argv: HOW TRAIN-ARGS...
 RANK_1_READS_OTHERWISE = """
 import os, sys
 from vaelab import checkpoints, train
 from vaelab.errors import run_stage
 how, argv = sys.argv[1], sys.argv[2:]
-if os.environ["RANK"] == "1" and how == "missing":
-    checkpoints.CheckpointFile.load = lambda self: (None, "")
+if os.environ["RANK"] == "1" and how == "own-path":  # a machine's local path, not shared
+    at = argv.index("--checkpoint") + 1
+    argv[at] = argv[at] + ".node1"
 elif os.environ["RANK"] == "1":
     config = checkpoints.training_config
     checkpoints.training_config = lambda *a, **k: config(*a, **k) | {"code.vaelab.model": "0"}
@@ -391,16 +392,17 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path, uninterrupted, c
 @pytest.mark.parametrize(
     ("how", "said"),
     [
-        ("missing", "rank 1 finds no checkpoint there"),
+        ("own-path", "rank 1 finds no checkpoint at {checkpoint}.node1. Every process"),
         ("other-code", "rank 1 starts fresh (the code of vaelab.model changed since"),
     ],
 )
 def test_ranks_that_read_the_checkpoint_otherwise_are_refused_on_every_rank(
     tmp_path, uninterrupted, checkpointed, how, said
 ):
-    """Rank 0 would resume from epoch 1; rank 1 does not see the file (several machines without
-    shared storage) or runs other code: every rank stops with the reason before training,
-    nothing is overwritten, and torchrun's restart stops at once too."""
+    """Rank 0 would resume from epoch 1; rank 1 does not see the file (several machines, each
+    given a local path of its own: the message names rank 1's) or runs other code: every rank
+    stops with the reason before training, nothing is overwritten, and torchrun's restart stops
+    at once too."""
     data_dir, _ = uninterrupted
     out, store = copy_of(checkpointed, tmp_path)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -428,6 +430,7 @@ def test_ranks_that_read_the_checkpoint_otherwise_are_refused_on_every_rank(
     # rank's line is written: one or two lines of each attempt.
     first = [e for e in errors if e.startswith(refusal)]
     assert len(first) in (1, 2) and errors[: len(first)] == first, errors
+    said = said.format(checkpoint=out / "checkpoint.pt")
     assert "rank 0 resumes after epoch 1 of MLflow run" in errors[0] and said in errors[0]
     # The one restart: each process stops at once, with the reason.
     again = "error: not restarted after a final failure: the 2 processes do not agree"

@@ -206,12 +206,17 @@ def _verdict(checkpoint: checkpoints.CheckpointFile) -> tuple[dict | None, tuple
     return resume, ("resume", resume["epoch"], resume["run_id"])
 
 
-def _said(verdict: tuple) -> str:
+def _said(verdict: tuple, elsewhere: str | None = None) -> str:
+    """What a rank made of the checkpoint; ``elsewhere``: the path it read, when not rank 0's
+    (each machine given a local path of its own)."""
+    where = f" (it reads {elsewhere})" if elsewhere else ""
     if verdict[0] == "resume":
-        return f"resumes after epoch {verdict[1]} of MLflow run {verdict[2]}"
+        return f"resumes after epoch {verdict[1]} of MLflow run {verdict[2]}{where}"
     if verdict[0] == "refused":
-        return f"refuses it: {verdict[1]}"
-    return f"starts fresh ({verdict[1]})" if verdict[1] else "finds no checkpoint there"
+        return f"refuses it{where}: {verdict[1]}"
+    if verdict[1]:
+        return f"starts fresh ({verdict[1]}){where}"
+    return f"finds no checkpoint at {elsewhere}" if elsewhere else "finds no checkpoint there"
 
 
 def resume_from(checkpoint: checkpoints.CheckpointFile, world: distributed.World) -> dict | None:
@@ -222,17 +227,21 @@ def resume_from(checkpoint: checkpoints.CheckpointFile, world: distributed.World
     shared storage) or judges it otherwise (other code or params), every rank stops here, before
     anything is trained or overwritten."""
     resume, verdict = _verdict(checkpoint)
-    verdicts = distributed.gather(verdict, world)
+    readings = distributed.gather((verdict, str(checkpoint.path)), world)
+    verdicts = [v for v, _ in readings]
+    paths = [path for _, path in readings]
     first = verdicts[0]
     if first[0] == "refused":  # an unusable file: the usual refusal, on every rank
         raise VaelabError(first[1])
     all_fresh = all(v[0] == "fresh" for v in verdicts)  # whatever each found: none resumes
     if any(v != first for v in verdicts) and not all_fresh:
         differing = "; ".join(
-            f"rank {rank} {_said(v)}" for rank, v in enumerate(verdicts) if v != first
+            f"rank {rank} {_said(v, paths[rank] if paths[rank] != paths[0] else None)}"
+            for rank, v in enumerate(verdicts)
+            if v != first
         )
         raise VaelabError(
-            f"the {world.size} processes do not agree on the checkpoint {checkpoint.path}: rank "
+            f"the {world.size} processes do not agree on the checkpoint {paths[0]}: rank "
             f"0 {_said(first)}; {differing}. Every process must see the same checkpoint (on "
             "storage every node reads, see docs/scale.md) and run the same code and params. "
             "Nothing was trained or overwritten."
