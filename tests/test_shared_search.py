@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,12 +232,25 @@ def weights_of(server: TrackingServer, run: dict) -> bytes:
     return s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
 
 
+def bare_venv(folder: Path) -> Path:
+    """A new venv, without pip and without vaelab; returns its python. It finds the packages of
+    this environment (mlflow, torch, numpy: installing them again would take minutes) through a
+    path in a .pth file, and Python runs no .pth file of a folder added that way, so the
+    editable install of vaelab (a .pth file there) is not seen."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    (site,) = (folder / "lib").glob("python*/site-packages")
+    (site / "packages_of_the_test_environment.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n"
+    )
+    return folder / "bin" / "python"
+
+
 def test_make_register_names_the_best_trial_champion_and_it_loads_without_vaelab(
     searched: Searched, tracking_server: TrackingServer, tmp_path
 ):
-    """`make register` against the server, then `models:/vaelab-vae@champion` loaded in a
-    Python where vaelab cannot be imported, with only MLFLOW_TRACKING_URI set (no S3 endpoint
-    or credentials: the model comes through the server's proxy)."""
+    """`make register` against the server, then `models:/vaelab-vae@champion` loaded in a bare
+    venv where vaelab cannot be imported, with only MLFLOW_TRACKING_URI set (no S3 endpoint or
+    credentials: the model comes through the server's proxy)."""
     server, repo = tracking_server, searched.a
     done = pipeline(
         repo, server, sys.executable, "-m", "vaelab.register", "--params", "params.yaml"
@@ -253,9 +267,10 @@ def test_make_register_names_the_best_trial_champion_and_it_loads_without_vaelab
 
     env = {k: v for k, v in _env(repo).items() if not k.startswith("AWS_")}
     env["MLFLOW_TRACKING_URI"] = server.url
-    script = test_tracking.LOAD_WITHOUT_VAELAB
+    script = test_tracking.LOAD_WITHOUT_VAELAB  # it also checks that vaelab is not importable
+    python = bare_venv(tmp_path / "bare")
     loaded = subprocess.run(
-        [sys.executable, "-c", script, "models:/vaelab-vae@champion", "5", str(PROJECT / "src")],
+        [str(python), "-c", script, "models:/vaelab-vae@champion", "5", str(PROJECT / "src")],
         env=env,
         cwd=repo,
         capture_output=True,
