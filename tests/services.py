@@ -181,7 +181,9 @@ class S3:
         return found
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to a server's whole process group (it may have forked workers), then SIGKILL to
+    whatever is left of it after 15 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -224,7 +226,7 @@ def running_s3(folder: Path, bucket: str = "vaelab-team") -> Iterator[S3]:
         if _answers(process, endpoint):
             break
         output = log_path.read_text()
-        _stop(process)
+        stop_group(process)
         if "address already in use" not in output.lower():
             pytest.fail(f"the S3 server did not start in {START_TIMEOUT_S} s:\n{output[-3000:]}")
     else:
@@ -234,4 +236,4 @@ def running_s3(folder: Path, bucket: str = "vaelab-team") -> Iterator[S3]:
         s3.client().create_bucket(Bucket=bucket)
         yield s3
     finally:
-        _stop(process)
+        stop_group(process)

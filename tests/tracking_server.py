@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import S3, S3_CREDENTIALS, free_port
+from tests.services import S3, S3_CREDENTIALS, free_port, stop_group
 from tests.test_pipeline import EXPERIMENT, _env, make_repo
 
 START_TIMEOUT_S = 180  # ~15 s idle, ~35 s seen with two trainings running beside it
@@ -67,18 +66,6 @@ class TrackingServer:
         )
         with urllib.request.urlopen(request, timeout=30) as answer:
             return json.load(answer)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's whole process group (uvicorn workers, the job runner), then
-    SIGKILL to whatever is left of it after 15 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=15)
 
 
 PORT_TRIES = 3  # a port found free can be taken by another process before the server binds it
@@ -146,7 +133,7 @@ def _start(folder: Path, port: int, backend: str, s3: S3) -> subprocess.Popen | 
                 return process
             time.sleep(0.5)
     except BaseException:
-        _stop(process)
+        stop_group(process)
         raise
 
 
@@ -165,7 +152,7 @@ def running_server(folder: Path, backend: str, s3: S3) -> Iterator[TrackingServe
     try:
         yield TrackingServer(f"http://127.0.0.1:{port}", folder, backend, s3)
     finally:
-        _stop(process)
+        stop_group(process)
 
 
 @dataclass(frozen=True)
