@@ -299,18 +299,21 @@ class FinalStop:
         self.path = path
         self.world = world
 
-    def check(self, restarts: int) -> None:
+    def check(self) -> int:
         """Stop a restarted group after a final failure; forget an old one on a first start.
-        ``restarts``: the group's count (``group_restart_count``), the same on every rank, so
-        all ranks stop or none does; with each machine's own count a rank whose torchrun did
-        not count the restart went on training alone (and removed the file)."""
+        Returns the group's restart count (``group_restart_count``, a collective call once the
+        ranks have joined): the same on every rank, so all ranks stop or none does; with each
+        machine's own count a rank whose torchrun did not count the restart went on training
+        alone (and removed the file)."""
+        restarts = group_restart_count(self.world)
         if self.world.size == 1:
-            return
+            return restarts
         if restarts == 0:
             if self.world.is_main:
                 self.path.unlink(missing_ok=True)
         elif self.path.exists():
             raise NotRestarted(f"not restarted after a final failure: {self.path.read_text()}")
+        return restarts
 
     @contextlib.contextmanager
     def recorded(self) -> Iterator[None]:

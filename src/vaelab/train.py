@@ -77,19 +77,9 @@ def train_stage(
     # before touching the store
     check_batch_size(params.train.batch_size, len(train_images), validation)
     if world.size > 1:
-        if params.train.batch_size % world.size:  # torchrun started by hand: nproc not used
-            raise VaelabError(
-                f"'train.batch_size' is {params.train.batch_size}, which does not divide among "
-                f"the {world.size} processes (WORLD_SIZE); it is the global batch. Choose a "
-                "multiple of the number of processes."
-            )
-        device = distributed.start(world, device.type)
-        warning = distributed.unrestartable_warning()
-        if warning and world.is_main:
-            print(warning, file=sys.stderr, flush=True)
+        device = join_group(world, params.train.batch_size, device)
     try:
-        restarts = distributed.group_restart_count(world)  # all machines' torchruns' count
-        final.check(restarts)
+        restarts = final.check()  # the count of every machine's torchrun, once joined
         checksums = json.loads((args.data_dir / CHECKSUMS_FILE).read_text())
         checkpoint = checkpoints.CheckpointFile.of(
             args.checkpoint, params=params, device=device, checksums=checksums
@@ -121,6 +111,21 @@ def train_stage(
             )
     finally:
         distributed.stop(world)  # nothing to do in a single process
+
+
+def join_group(world: distributed.World, batch_size: int, device: torch.device) -> torch.device:
+    """Join the DDP group (its ranks' device); the global batch must divide among the ranks."""
+    if batch_size % world.size:  # torchrun started by hand: train.nproc not used
+        raise VaelabError(
+            f"'train.batch_size' is {batch_size}, which does not divide among the {world.size} "
+            "processes (WORLD_SIZE); it is the global batch. Choose a multiple of the number of "
+            "processes."
+        )
+    device = distributed.start(world, device.type)
+    warning = distributed.unrestartable_warning()
+    if warning and world.is_main:
+        print(warning, file=sys.stderr, flush=True)
+    return device
 
 
 def train_and_record(
