@@ -172,6 +172,10 @@ class S3:
             region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
         )
 
+    def read(self, key: str) -> bytes:
+        """The bytes of the bucket's object ``key``."""
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
     def keys(self, prefix: str = "") -> dict[str, int]:
         """{key: size} of the bucket's objects under ``prefix``."""
         found: dict[str, int] = {}

@@ -34,14 +34,6 @@ def _artifact_files(store, run: dict, folder: str) -> dict[str, int]:
     return {entry["path"]: entry["file_size"] for entry in listed.get("files", [])}
 
 
-def _in_bucket(store, run: dict) -> str:
-    """The key prefix of a run's proxied artifacts in the bucket: mlflow-artifacts:/<x> is
-    <--artifacts-destination>/<x>, s3://<bucket>/mlflow/<x>."""
-    uri = run["info"]["artifact_uri"]
-    assert uri.startswith("mlflow-artifacts:/"), uri  # proxied through the server
-    return f"{ARTIFACTS_PREFIX}/{uri.removeprefix('mlflow-artifacts:/').lstrip('/')}/"
-
-
 def test_the_experiment_is_created_with_the_servers_artifact_root(filled_server):
     found = filled_server.server.get("experiments/get-by-name", experiment_name=EXPERIMENT)
     experiment = found["experiment"]
@@ -86,7 +78,7 @@ def test_each_run_has_one_value_per_epoch_and_the_eval_metrics(filled_server):
 def test_artifacts_are_objects_in_the_bucket(filled_server):
     s3 = filled_server.server.s3
     for run in filled_server.runs:
-        prefix = _in_bucket(filled_server, run)
+        prefix = filled_server.server.artifact_prefix(run)
         figures = _artifact_files(filled_server, run, "figures")
         assert set(figures) == {f"figures/{name}" for name in FIGURES}
         model = _artifact_files(filled_server, run, "model")
@@ -95,12 +87,12 @@ def test_artifacts_are_objects_in_the_bucket(filled_server):
         for path, size in (figures | model).items():
             assert objects.get(prefix + path) == size > 0, (path, sorted(objects))
     # The latest run's files are the bytes the workspace holds now (`dvc exp run` applied them).
-    prefix, repo = _in_bucket(filled_server, filled_server.runs[-1]), filled_server.repo
+    prefix = filled_server.server.artifact_prefix(filled_server.runs[-1])
+    repo = filled_server.repo
     pairs = [("model/vae.pt", repo / "models" / "vae.pt")]
     pairs += [(f"figures/{name}", repo / "reports" / "figures" / name) for name in FIGURES]
     for key, local in pairs:
-        stored = s3.client().get_object(Bucket=s3.bucket, Key=prefix + key)["Body"].read()
-        assert hashlib.md5(stored).hexdigest() == md5_of(local), key
+        assert hashlib.md5(s3.read(prefix + key)).hexdigest() == md5_of(local), key
 
 
 def test_the_logged_models_are_in_the_bucket_too(filled_server):

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from tests import test_tracking
 from tests.conftest import PROJECT
 from tests.test_pipeline import _env, make_repo, run, set_param
-from tests.tracking_server import ARTIFACTS_PREFIX, TrackingServer, pipeline
+from tests.tracking_server import TrackingServer, pipeline
 from vaelab import search_study
 from vaelab.model import load
 from vaelab.tracking.reproduction import REPRODUCED_BY_TAG, VERDICT_TAG
@@ -224,12 +224,8 @@ def trial_runs(server: TrackingServer) -> dict[int, tuple[dict, dict]]:
 
 
 def weights_of(server: TrackingServer, run: dict) -> bytes:
-    """The run's model/vae.pt as the bucket holds it (proxied: mlflow-artifacts:/<x> is
-    s3://<bucket>/mlflow/<x>)."""
-    prefix = run["info"]["artifact_uri"].removeprefix("mlflow-artifacts:/").lstrip("/")
-    s3 = server.s3
-    key = f"{ARTIFACTS_PREFIX}/{prefix}/model/vae.pt"
-    return s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    """The run's model/vae.pt as the bucket holds it."""
+    return server.s3.read(server.artifact_prefix(run) + "model/vae.pt")
 
 
 def bare_venv(folder: Path) -> Path:

@@ -46,6 +46,13 @@ class TrackingServer:
     def artifacts(self) -> str:
         return f"s3://{self.s3.bucket}/{ARTIFACTS_PREFIX}"
 
+    def artifact_prefix(self, run: dict) -> str:
+        """The bucket's key prefix of a run's (a REST run object) proxied artifacts:
+        mlflow-artifacts:/<x> is <--artifacts-destination>/<x>, s3://<bucket>/mlflow/<x>."""
+        uri = run["info"]["artifact_uri"]
+        assert uri.startswith("mlflow-artifacts:/"), uri  # proxied through the server
+        return f"{ARTIFACTS_PREFIX}/{uri.removeprefix('mlflow-artifacts:/').lstrip('/')}/"
+
     @property
     def log(self) -> Path:
         return self.folder / "server.log"
