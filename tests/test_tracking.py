@@ -422,3 +422,33 @@ def test_a_sweep_s_runs_are_children_of_its_parent_run(store, tmp_path, tiny_par
 
     assert store.get_run(_train_run(with_sweep("dims-2"))).data.tags["mlflow.parentRunId"] == other
     assert "mlflow.parentRunId" not in store.get_run(_train_run(tiny_params)).data.tags
+
+
+class DatasetRace:
+    """A client whose first log_inputs fails as MLflow's server did when two runs inserted the
+    same data set at once on PostgreSQL."""
+
+    def __init__(self, message: str):
+        self.message, self.calls = message, []
+
+    def log_inputs(self, run_id, datasets):
+        from mlflow.exceptions import MlflowException
+
+        self.calls.append((run_id, datasets))
+        if len(self.calls) == 1:
+            raise MlflowException(self.message)
+
+
+def test_a_data_set_another_run_created_meanwhile_is_logged_again():
+    from vaelab.tracking.run import log_datasets
+
+    race = DatasetRace(
+        "BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates unique "
+        'constraint "dataset_pk"'
+    )
+    log_datasets(race, "r1", ["d"])
+    assert race.calls == [("r1", ["d"]), ("r1", ["d"])]
+    other = DatasetRace("RESOURCE_DOES_NOT_EXIST: run r1")
+    with pytest.raises(Exception, match="RESOURCE_DOES_NOT_EXIST"):
+        log_datasets(other, "r1", ["d"])
+    assert len(other.calls) == 1

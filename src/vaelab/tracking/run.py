@@ -115,11 +115,27 @@ def create_run(client, experiment_id: str, params: Params, checksums: dict, tags
     tags |= code.tags() if code else UNKNOWN
     run_name = os.environ.get("DVC_EXP_NAME") or None
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    client.log_inputs(
-        run_id, datasets=dataset_inputs(checksums, params.data.binarize, params.data.validation)
+    log_datasets(
+        client, run_id, dataset_inputs(checksums, params.data.binarize, params.data.validation)
     )
     log_uncommitted(client, run_id, code)
     return run_id
+
+
+def log_datasets(client, run_id: str, datasets: list) -> None:
+    """Log the run's data sets, once more when another run created the same data set at that
+    moment: MLflow's server looks a data set up, then inserts it, and on PostgreSQL two runs
+    starting together (a shared search's trials) both inserted it, one failing with
+    ``duplicate key value violates unique constraint "dataset_pk"`` (seen here); the second try
+    finds it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_inputs(run_id, datasets=datasets)
+    except MlflowException as error:
+        if "dataset_pk" not in str(error):
+            raise
+        client.log_inputs(run_id, datasets=datasets)
 
 
 @contextlib.contextmanager
